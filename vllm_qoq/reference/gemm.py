@@ -1,0 +1,72 @@
+"""Reference W4A8 GEMMs on the on-disk (natural) layout: the spec for the kernels.
+
+Both variants accumulate exactly in int32 (qoq.md §1 "What the GEMM computes"):
+
+per-channel:  acc[m, n] = sum_k qx[m, k] * u[n, k]
+              y[m, n]   = sx[m] * (s[n] * acc[m, n] - szeros[n] * qsum[m])
+    qsum is the row sum of the *quantized* activation (sum_k qx), so y equals
+    dequant(qx) @ dequant(W)^T exactly up to fp32 rounding.  (QServe uses the
+    unquantized row sum instead; we chose the exact form so the runtime matches
+    its fake-quant reference.)
+g128:         acc[m, n] = sum_k qx[m, k] * q8[n, k],  q8 = s2 * (u - z)
+              y[m, n]   = sx[m] * s1[n] * acc[m, n]
+Then + bias, cast to the output dtype.  The float epilogue is done in fp32 in
+exactly the order written above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import int8_weight_g128, unpack_int4
+
+
+def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a [M, K] int8 @ b_t[N, K]^T int8 -> int32 [M, N].
+
+    torch._int_mm on CPU; elsewhere float64, which is exact here because
+    |a*b| <= 128*128 and K < 2^37.
+    """
+    if a.device.type == "cpu":
+        return torch._int_mm(a.contiguous(), b_t.t().contiguous())
+    return (a.to(torch.float64) @ b_t.to(torch.float64).t()).to(torch.int32)
+
+
+def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def w4a8_chn_gemm(
+    qx: torch.Tensor,
+    sx: torch.Tensor,
+    qsum: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    szeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    u = unpack_int4(qweight).to(torch.int8)
+    acc = int_matmul(qx, u).to(torch.float32)
+    y = acc * scales.to(torch.float32)[None, :] - qsum.to(torch.float32)[:, None] * szeros.to(
+        torch.float32
+    )[None, :]
+    return _epilogue(y * sx.to(torch.float32)[:, None], bias, out_dtype)
+
+
+def w4a8_g128_gemm(
+    qx: torch.Tensor,
+    sx: torch.Tensor,
+    qweight: torch.Tensor,
+    s1_scales: torch.Tensor,
+    s2_scales: torch.Tensor,
+    s2_zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    q8 = int8_weight_g128(qweight, s2_scales, s2_zeros)
+    acc = int_matmul(qx, q8).to(torch.float32)
+    y = acc * sx.to(torch.float32)[:, None] * s1_scales.to(torch.float32)[None, :]
+    return _epilogue(y, bias, out_dtype)
