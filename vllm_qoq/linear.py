@@ -1,0 +1,193 @@
+"""QoQLinearMethod: W4A8 linear layers on vLLM's weight-loader-v2 parameters.
+
+Parameters are declared in the on-disk layout (vllm_qoq/format.py) with typed
+vLLM parameter classes, so tensor-parallel slicing and merged q/k/v and
+gate/up loading are vLLM's own:
+  qweight   PackedvLLMParameter   [N, K/2] uint8, packed along K (input_dim=1)
+  scales/szeros/s1_scales         ChannelQuantScaleParameter [N] (replicated in
+                                  row-parallel layers, sliced in column-parallel)
+  s2_scales/s2_zeros              GroupQuantScaleParameter [N, K/128]
+QServe-layout checkpoints (SGLang schema) declare QServe's names and shapes and
+are converted to ours in process_weights_after_loading, which then hands the
+tensors to ops.prepare_weights for any kernel-specific reordering.
+
+apply(): per-token INT8 quantization of x, then the W4A8 GEMM (torch ops in the
+`qoq` namespace, vllm_qoq/ops.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import format as fmt
+from . import ops
+from .compat import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    LinearMethodBase,
+    PackedvLLMParameter,
+    register_weight_loader_v2,
+)
+
+logger = logging.getLogger(__name__)
+_warned_no_kernels = False
+
+
+def _warn_reference_on_gpu() -> None:
+    global _warned_no_kernels
+    if not _warned_no_kernels:
+        _warned_no_kernels = True
+        logger.warning(
+            "vllm_qoq: the CUDA extension vllm_qoq._C is not available (%s); qoq layers run "
+            "the PyTorch reference ops on the GPU, which is correct but slow. Reinstall "
+            "vllm_qoq with a CUDA build of torch and nvcc to get the kernels.",
+            ops.extension_error(),
+        )
+
+
+@register_weight_loader_v2
+class QoQLinearMethod(LinearMethodBase):
+    def __init__(self, quant_config, prefix: str = "") -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+
+    # -- parameters ------------------------------------------------------------
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        where = self.prefix or type(layer).__name__
+        if params_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"qoq: {where}: activation dtype {params_dtype} is not supported; "
+                "run the model with --dtype bfloat16 (or float16)"
+            )
+        gs = self.quant_config.group_size
+        n = sum(output_partition_sizes)
+        k = input_size_per_partition
+        fmt.check_k(k, gs, f"{where}, per tensor-parallel rank")
+        loader = extra_weight_attrs.get("weight_loader")
+        layer.qoq_group_size = gs
+        layer.qoq_out_features = n
+        layer.qoq_in_features = k
+
+        if self.quant_config.layout == "qserve":
+            self._create_qserve(layer, n, k, input_size, gs, loader, where)
+            return
+
+        layer.register_parameter(
+            "qweight",
+            PackedvLLMParameter(
+                data=torch.empty(n, k // 2, dtype=torch.uint8),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=2,
+                weight_loader=loader,
+            ),
+        )
+        if gs == -1:
+            for name in ("scales", "szeros"):
+                layer.register_parameter(name, self._channel(n, loader))
+        else:
+            layer.register_parameter("s1_scales", self._channel(n, loader))
+            for name in ("s2_scales", "s2_zeros"):
+                layer.register_parameter(
+                    name,
+                    GroupQuantScaleParameter(
+                        data=torch.empty(n, k // fmt.GROUP_SIZE_G128, dtype=torch.uint8),
+                        input_dim=1,
+                        output_dim=0,
+                        weight_loader=loader,
+                    ),
+                )
+
+    @staticmethod
+    def _channel(n: int, loader) -> ChannelQuantScaleParameter:
+        return ChannelQuantScaleParameter(
+            data=torch.empty(n, dtype=torch.float16), output_dim=0, weight_loader=loader
+        )
+
+    def _create_qserve(self, layer, n, k, input_size, gs, loader, where) -> None:
+        if k != input_size:
+            raise ValueError(
+                f"qoq: {where}: a QServe-layout checkpoint cannot be split along K for "
+                "tensor parallelism (its fragment order spans K); convert it first with "
+                "`python -m converters.importers.qserve` to vllm_qoq's format"
+            )
+        if n % 32 or k % 32:
+            raise ValueError(f"qoq: {where}: QServe layout needs N, K multiples of 32 (N={n}, K={k})")
+        layer.register_parameter(
+            "qweight",
+            PackedvLLMParameter(
+                data=torch.empty(n, k // 2, dtype=torch.int8),
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=2,
+                weight_loader=loader,
+            ),
+        )
+        layer.register_parameter("s1_scales", self._channel(n, loader))
+        if gs == -1:
+            layer.register_parameter("s1_szeros", self._channel(n, loader))
+        else:
+            for name in ("s2_scales", "s2_zeros"):
+                layer.register_parameter(
+                    name,
+                    GroupQuantScaleParameter(
+                        data=torch.empty(k // fmt.GROUP_SIZE_G128, n, dtype=torch.int8),
+                        input_dim=0,
+                        output_dim=1,
+                        weight_loader=loader,
+                    ),
+                )
+
+    # -- after loading -----------------------------------------------------------
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        gs = layer.qoq_group_size
+        where = self.prefix or type(layer).__name__
+        if self.quant_config.layout == "qserve":
+            from . import qserve_layout
+
+            names = ("qweight", "s1_scales") + (("s1_szeros",) if gs == -1 else ("s2_scales", "s2_zeros"))
+            raw = {name: getattr(layer, name).data for name in names}
+            tensors = qserve_layout.to_ours(raw, gs, where)
+            for name in names:
+                delattr(layer, name)
+        else:
+            tensors = {name: getattr(layer, name).data for name in fmt.tensor_names(gs)}
+        fmt.validate_layer(tensors, gs, where)
+        if tensors["qweight"].device.type == "cuda" and not ops.has_cuda_kernels():
+            _warn_reference_on_gpu()
+        tensors = ops.prepare_weights(tensors, gs)
+        for name, t in tensors.items():
+            if hasattr(layer, name):
+                delattr(layer, name)
+            layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+
+    # -- forward -------------------------------------------------------------------
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        qx, sx, qsum = ops.quantize_per_token(x2)
+        if layer.qoq_group_size == -1:
+            y = ops.w4a8_chn_gemm(
+                qx, sx, qsum, layer.qweight, layer.scales, layer.szeros, bias, x.dtype
+            )
+        else:
+            y = ops.w4a8_g128_gemm(
+                qx, sx, layer.qweight, layer.s1_scales, layer.s2_scales, layer.s2_zeros,
+                bias, x.dtype,
+            )
+        return y.reshape(*shape[:-1], y.shape[-1])
