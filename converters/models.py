@@ -91,6 +91,7 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             model.hf_quantizer = None
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
             if dst.exists():
                 shutil.rmtree(dst)
             os.replace(tmp, dst)
