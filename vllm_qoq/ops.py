@@ -144,3 +144,5 @@ def w4a8_g128_gemm(qx, sx, qweight, s1_scales, s2_scales, s2_zeros, bias, out_dt
     return torch.ops.qoq.w4a8_g128_gemm(
         qx, sx, qweight, s1_scales, s2_scales, s2_zeros, bias, out_dtype
     )
+
+register_ops()

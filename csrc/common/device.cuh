@@ -1,0 +1,73 @@
+// Small device helpers shared by the vllm_qoq kernels (no torch headers here,
+// so the kernel translation units compile fast).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/launch.h"
+
+namespace qoq {
+
+namespace dev {
+
+// ---- cp.async (sm_80+): 16-byte global -> shared copies; src_bytes = 0 zero-fills.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- ldmatrix: four 8x8 b16 matrices (= 8 rows x 16 bytes of int8 each).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+// ---- mma.sync m16n8k32 s8 x s8 -> s32 (Ampere+).  Fragments (PTX ISA, "Matrix
+// fragments for mma.m16n8k32"), g = lane / 4, t = lane % 4:
+//   A (16x32, row): a0 = A[g][4t..4t+3], a1 = A[g+8][4t..], a2 = A[g][16+4t..], a3 = A[g+8][16+4t..]
+//   B (32x8, col):  b0 = B[4t..4t+3][g], b1 = B[16+4t..16+4t+3][g]
+//   C (16x8):       c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]
+__device__ __forceinline__ void mma_s8_16832(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- QoQ weight dequantization in registers (qoq.md §1).
+// A packed word holds 8 nibbles: byte i = u_lo(i) | u_hi(i) << 4.  The low nibbles
+// form one 4 x int8 MMA operand, the high nibbles the other.
+__device__ __forceinline__ uint32_t lo_nibbles(uint32_t w) { return w & 0x0F0F0F0Fu; }
+__device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return (w >> 4) & 0x0F0F0F0Fu; }
+
+// g128 "subtraction after multiplication": 4 bytes u (0..15) times the integer scale s2
+// (1..16) in ONE 32-bit multiply (u*s2 <= 240 < 256: no carry crosses a byte), then a
+// per-byte add of the pre-negated zero (-z*s2 mod 256, replicated in the 4 bytes).  Each
+// byte read as int8 is q8 = s2*(u - z), exact because q8 lies in [-128, 127].
+__device__ __forceinline__ uint32_t dequant_g128(uint32_t u4, uint32_t s2, uint32_t zneg4) {
+  return __vadd4(u4 * s2, zneg4);
+}
+
+// Replicate byte j of w into all 4 bytes.
+__device__ __forceinline__ uint32_t splat_byte(uint32_t w, int j) {
+  return __byte_perm(w, 0u, static_cast<uint32_t>(j) * 0x1111u);
+}
+
+}  // namespace dev
+}  // namespace qoq

@@ -1,0 +1,56 @@
+// Host-side interface between the torch bindings (.cpp) and the kernels (.cu).
+// Plain C++ (no torch, no device code), so both sides include it.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace qoq {
+
+// Output element types the kernels write.  I32 is the raw accumulator (tests).
+enum class OutKind : int { F16 = 0, BF16 = 1, I32 = 2 };
+// Optional bias element type (the bias may come in any float dtype).
+enum class BiasKind : int { None = 0, F16 = 1, BF16 = 2, F32 = 3 };
+
+#define QOQ_CUDA_CHECK(expr)                                                   \
+  do {                                                                         \
+    cudaError_t qoq_err_ = (expr);                                             \
+    if (qoq_err_ != cudaSuccess) {                                             \
+      qoq::throw_cuda_error(qoq_err_, #expr, __FILE__, __LINE__);              \
+    }                                                                          \
+  } while (0)
+
+// Defined in csrc/common/errors.cpp (throws std::runtime_error).
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file,
+                                   int line);
+
+// ---- Per-token INT8 activation quantization (csrc/quant/quant_per_token.cu).
+// x [rows, K] (fp16 if !is_bf16, else bf16, row stride K) -> qx int8 [rows, K],
+// sx fp32 [rows], qsum int32 [rows].  Bit-exact with reference.quantize_activation.
+void quantize_per_token(const void* x, bool is_bf16, int8_t* qx, float* sx, int32_t* qsum,
+                        int64_t rows, int64_t K, cudaStream_t stream);
+
+// ---- W4A8 GEMM (csrc/gemm/).  Pointers to kernel-layout weights (kernel_layout.py).
+struct W4A8Args {
+  const int8_t* qx;        // [M, K] int8, row-major
+  const float* sx;         // [M] fp32
+  const int32_t* qsum;     // [M] int32 (per-channel only)
+  const uint8_t* qweight;  // kernel layout, Np*K/2 bytes (Np = N rounded up to 32)
+  const void* scales;      // fp16 [N]: s (per-channel) or s1 (g128)
+  const void* szeros;      // fp16 [N] (per-channel only)
+  const uint8_t* s2;       // g128: uint8 [K/128, Np], kernel column order
+  const uint8_t* zneg;     // g128: uint8 [K/128, Np], (-z*s2) mod 256, same order
+  const void* bias;        // [N] or nullptr
+  BiasKind bias_kind;
+  void* out;               // [M, N] (row stride N)
+  int M, N, Np, K;
+  int32_t* workspace;      // split-K: zeroed int32 scratch (self-cleaning), may be null
+  int64_t workspace_ints;  // its size
+  int num_sms;
+};
+
+// Returns the number of int32 the split-K workspace must hold for any M <= max_m.
+int64_t w4a8_workspace_ints(int N);
+void w4a8_gemm_sm80(const W4A8Args& a, bool g128, OutKind out, cudaStream_t stream);
+
+}  // namespace qoq
