@@ -22,14 +22,6 @@ from vllm_qoq.reference.quantize import quantize_activation, quantize_weight  # 
 HIDDEN, HEAD_DIM, N_HEADS, N_KV, FFN = 512, 64, 8, 4, 1024
 
 
-@pytest.fixture
-def tp(monkeypatch):
-    state = {"rank": 0, "size": 1}
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: state["rank"])
-    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: state["size"])
-    return state
-
-
 def _layer(gs, out_sizes, k):
     layer = torch.nn.Module()
     method = QoQLinearMethod(QoQConfig(group_size=gs), prefix="test")

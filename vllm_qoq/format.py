@@ -75,23 +75,23 @@ def module_matches(prefix: str, names: list[str]) -> bool:
 
 
 def check_k(k: int, group_size: int, where: str = "") -> None:
-    """Raise a clear error when a layer's input size cannot use the variant."""
-    at = f" ({where})" if where else ""
+    """Raise a clear error (naming `where`) when an input size K cannot use the variant."""
+    at = f"{where}: " if where else ""
     if group_size == -1:
         if k % 2:
             raise ValueError(
-                f"input size K={k}{at} is odd: 4-bit codes are packed two per byte; "
+                f"{at}input size K={k} is odd: 4-bit codes are packed two per byte; "
                 "leave this layer unquantized (modules_to_not_convert)"
             )
     elif group_size == GROUP_SIZE_G128:
         if k % GROUP_SIZE_G128:
             raise ValueError(
-                f"input size K={k}{at} is not a multiple of 128, so g128 cannot "
+                f"{at}input size K={k} is not a multiple of 128, so g128 cannot "
                 "quantize it; use --group-size -1 (per-channel) or leave the layer "
                 "unquantized (modules_to_not_convert)"
             )
     else:
-        raise ValueError(f"unsupported group_size {group_size}{at}; use -1 or 128")
+        raise ValueError(f"{at}unsupported group_size {group_size}; use -1 or 128")
 
 
 def pack_int4(u: torch.Tensor) -> torch.Tensor:
