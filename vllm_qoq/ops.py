@@ -6,6 +6,8 @@ Schemas are defined here, in Python, once.  Implementations:
   * CUDA: the compiled kernels of the extension `vllm_qoq._C` (csrc/, registered
     with TORCH_LIBRARY_IMPL(qoq, CUDA, ...)) when it was built, otherwise the
     reference as well;
+    VLLM_QOQ_DISABLE_KERNELS=1 forces the reference on CUDA too (debugging,
+    and the "reference path on the GPU" end-to-end runs);
   * Meta/fake: shape-only functions, so Dynamo (fullgraph) and CUDA graphs can
     trace the linear method.
 
@@ -18,6 +20,7 @@ their shapes ([N, K/2] qweight, [N] scales) so the fake functions stay valid.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -73,6 +76,9 @@ _state: dict[str, Any] = {"lib": None, "ext": None, "ext_error": None}
 
 
 def _load_extension():
+    if os.environ.get("VLLM_QOQ_DISABLE_KERNELS") == "1":
+        _state["ext_error"] = "disabled by VLLM_QOQ_DISABLE_KERNELS=1"
+        return None
     try:
         from . import _C  # noqa: F401  (registers CUDA impls on import)
     except ImportError as e:  # pure-Python install, or CPU-only torch
