@@ -51,6 +51,8 @@ struct W4A8Args {
 
 // Returns the number of int32 the split-K workspace must hold for any M <= max_m.
 int64_t w4a8_workspace_ints(int N);
-void w4a8_gemm_sm80(const W4A8Args& a, bool g128, OutKind out, cudaStream_t stream);
+// mma.sync path (sm_80+), csrc/gemm/w4a8_sm80_{chn,g128}.cu
+void w4a8_gemm_sm80_chn(const W4A8Args& a, OutKind out, cudaStream_t stream);
+void w4a8_gemm_sm80_g128(const W4A8Args& a, OutKind out, cudaStream_t stream);
 
 }  // namespace qoq

@@ -1,0 +1,241 @@
+// (A .cu so that nvcc supplies the CUDA include path; host code only.)
+// CUDA implementations of the `qoq` GEMM / activation-quant ops (schemas: vllm_qoq/ops.py)
+// and the debug op qoq_debug::w4a8_acc (raw int32 accumulators, for exactness tests).
+//
+// The weights arrive in the kernel layout of vllm_qoq/kernel_layout.py (described there
+// and in w4a8_sm80.cuh): qweight uint8 [Np, K/2] (Np = N rounded up to 32; == N when
+// N % 32 == 0), scales/szeros/s1 fp16 [N], s2_scales/s2_zeros uint8 [K/128, Np] with
+// s2_zeros holding the pre-negated (-z*s2) mod 256.
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/launch.h"
+
+namespace qoq {
+namespace {
+
+int num_sms(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return cache[device];
+}
+
+// Split-K scratch, one per device, allocated (zeroed) on first use and kept: the kernels
+// leave it zeroed again after every call, so no per-call memset or allocation happens
+// (CUDA-graph safe once the first, eager call has run -- vLLM's profile/warm-up runs do).
+// Not safe for two GEMMs running concurrently on different streams of one device.
+at::Tensor& workspace(const at::Device& dev) {
+  static std::mutex mu;
+  static std::vector<at::Tensor> ws;
+  std::lock_guard<std::mutex> lock(mu);
+  const int idx = dev.index();
+  if (static_cast<int>(ws.size()) <= idx) ws.resize(idx + 1);
+  if (!ws[idx].defined()) {
+    ws[idx] = at::zeros({w4a8_workspace_ints(0)}, at::TensorOptions().dtype(at::kInt).device(dev));
+  }
+  return ws[idx];
+}
+
+bool use_sm90(int device) {
+  (void)device;
+  return false;
+}
+
+OutKind out_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return OutKind::F16;
+    case at::kBFloat16: return OutKind::BF16;
+    case at::kInt: return OutKind::I32;
+    default: TORCH_CHECK(false, "qoq GEMM: out_dtype must be float16 or bfloat16, got ", t);
+  }
+}
+
+BiasKind bias_kind(const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return BiasKind::None;
+  switch (bias->scalar_type()) {
+    case at::kHalf: return BiasKind::F16;
+    case at::kBFloat16: return BiasKind::BF16;
+    case at::kFloat: return BiasKind::F32;
+    default: TORCH_CHECK(false, "qoq GEMM: bias must be fp16, bf16 or fp32, got ", bias->scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
+  TORCH_CHECK(t.is_cuda() && t.device() == dev, "qoq GEMM: ", name, " must be on ", dev);
+  TORCH_CHECK(t.scalar_type() == dtype, "qoq GEMM: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "qoq GEMM: ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "qoq GEMM: ", name,
+              " must be 16-byte aligned");
+}
+
+// Common argument checks; fills everything but the variant's tensors.
+W4A8Args base_args(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& qweight,
+                   int64_t n, const c10::optional<at::Tensor>& bias) {
+  const at::Device dev = qx.device();
+  TORCH_CHECK(qx.dim() == 2, "qoq GEMM: qx must be 2-D [M, K], got ", qx.sizes());
+  check_cuda(qx, "qx", at::kChar, dev);
+  const int64_t m = qx.size(0), k = qx.size(1);
+  TORCH_CHECK(sx.is_cuda() && sx.scalar_type() == at::kFloat && sx.numel() == m && sx.is_contiguous(),
+              "qoq GEMM: sx must be a contiguous fp32 CUDA tensor of M=", m, " elements");
+  check_cuda(qweight, "qweight", at::kByte, dev);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) * 2 == k,
+              "qoq GEMM: qweight must be [Np, K/2] with K=", k, ", got ", qweight.sizes());
+  const int64_t np = qweight.size(0);
+  TORCH_CHECK(np % 32 == 0 && np >= n && np < n + 32,
+              "qoq GEMM: qweight rows must be N=", n, " rounded up to 32 (kernel layout from "
+              "vllm_qoq.kernel_layout.to_kernel_layout), got ", np);
+  TORCH_CHECK(k % 32 == 0, "qoq GEMM: K=", k, " must be a multiple of 32");
+  TORCH_CHECK(m < (1LL << 31) && k < (1LL << 31) && np < (1LL << 31), "qoq GEMM: sizes too large");
+  W4A8Args a{};
+  a.qx = qx.data_ptr<int8_t>();
+  a.sx = sx.data_ptr<float>();
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.M = static_cast<int>(m);
+  a.N = static_cast<int>(n);
+  a.Np = static_cast<int>(np);
+  a.K = static_cast<int>(k);
+  a.bias_kind = bias_kind(bias);
+  if (a.bias_kind != BiasKind::None) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == dev && bias->is_contiguous() && bias->numel() == n,
+                "qoq GEMM: bias must be a contiguous CUDA tensor of N=", n, " elements");
+    a.bias = bias->data_ptr();
+  }
+  a.num_sms = num_sms(dev.index());
+  at::Tensor& ws = workspace(dev);
+  a.workspace = ws.data_ptr<int32_t>();
+  a.workspace_ints = ws.numel();
+  return a;
+}
+
+at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::Device& dev) {
+  const OutKind ok = out_kind(out_dtype);
+  at::Tensor out = at::empty({a.M, a.N}, at::TensorOptions().dtype(out_dtype).device(dev));
+  if (a.M == 0 || a.N == 0) return out;
+  a.out = out.data_ptr();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  if (use_sm90(dev.index())) {
+    // (Hopper path: see w4a8_sm90.cu)
+  }
+  if (g128) {
+    w4a8_gemm_sm80_g128(a, ok, stream);
+  } else {
+    w4a8_gemm_sm80_chn(a, ok, stream);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.is_cuda(), "qoq::quantize_per_token: x must be a CUDA tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+              "qoq::quantize_per_token: x must be float16 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1, "qoq::quantize_per_token: x must have at least one dimension");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(-1);
+  const int64_t rows = k == 0 ? 0 : x.numel() / k;
+  auto opts = at::TensorOptions().device(x.device());
+  std::vector<int64_t> row_shape(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor qx = at::empty(x.sizes(), opts.dtype(at::kChar));
+  at::Tensor sx = at::empty(row_shape, opts.dtype(at::kFloat));
+  at::Tensor qsum = at::empty(row_shape, opts.dtype(at::kInt));
+  if (k == 0) {
+    sx.fill_(1.0);
+    qsum.zero_();
+    return {qx, sx, qsum};
+  }
+  if (rows > 0) {
+    quantize_per_token(x.data_ptr(), x.scalar_type() == at::kBFloat16, qx.data_ptr<int8_t>(),
+                       sx.data_ptr<float>(), qsum.data_ptr<int32_t>(), rows, k,
+                       c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  }
+  return {qx, sx, qsum};
+}
+
+at::Tensor w4a8_chn_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& qsum,
+                              const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& szeros, const c10::optional<at::Tensor>& bias,
+                              at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(qx.device());
+  const at::Device dev = qx.device();
+  const int64_t n = scales.numel();
+  W4A8Args a = base_args(qx, sx, qweight, n, bias);
+  TORCH_CHECK(qsum.is_cuda() && qsum.scalar_type() == at::kInt && qsum.numel() == a.M && qsum.is_contiguous(),
+              "qoq::w4a8_chn_gemm: qsum must be a contiguous int32 CUDA tensor of M elements");
+  check_cuda(scales, "scales", at::kHalf, dev);
+  check_cuda(szeros, "szeros", at::kHalf, dev);
+  TORCH_CHECK(szeros.numel() == n, "qoq::w4a8_chn_gemm: szeros must have N=", n, " elements");
+  a.qsum = qsum.data_ptr<int32_t>();
+  a.scales = scales.data_ptr();
+  a.szeros = szeros.data_ptr();
+  return run_gemm(a, false, out_dtype, dev);
+}
+
+void g128_args(W4A8Args& a, const at::Tensor& s2_scales, const at::Tensor& s2_zeros, const at::Device& dev) {
+  TORCH_CHECK(a.K % 128 == 0, "qoq::w4a8_g128_gemm: K=", a.K, " must be a multiple of 128");
+  check_cuda(s2_scales, "s2_scales", at::kByte, dev);
+  check_cuda(s2_zeros, "s2_zeros", at::kByte, dev);
+  const int64_t groups = a.K / 128;
+  TORCH_CHECK(s2_scales.dim() == 2 && s2_scales.size(0) == groups && s2_scales.size(1) == a.Np &&
+                  s2_zeros.sizes() == s2_scales.sizes(),
+              "qoq::w4a8_g128_gemm: s2_scales/s2_zeros must be [K/128, Np] = [", groups, ", ", a.Np,
+              "] (kernel layout from vllm_qoq.kernel_layout), got ", s2_scales.sizes(), " and ",
+              s2_zeros.sizes());
+  a.s2 = s2_scales.data_ptr<uint8_t>();
+  a.zneg = s2_zeros.data_ptr<uint8_t>();
+}
+
+at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& qweight,
+                               const at::Tensor& s1_scales, const at::Tensor& s2_scales,
+                               const at::Tensor& s2_zeros, const c10::optional<at::Tensor>& bias,
+                               at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(qx.device());
+  const at::Device dev = qx.device();
+  const int64_t n = s1_scales.numel();
+  W4A8Args a = base_args(qx, sx, qweight, n, bias);
+  check_cuda(s1_scales, "s1_scales", at::kHalf, dev);
+  a.scales = s1_scales.data_ptr();
+  g128_args(a, s2_scales, s2_zeros, dev);
+  return run_gemm(a, true, out_dtype, dev);
+}
+
+// Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
+at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
+                          const c10::optional<at::Tensor>& s2_scales,
+                          const c10::optional<at::Tensor>& s2_zeros, int64_t n) {
+  const c10::cuda::CUDAGuard guard(qx.device());
+  const at::Device dev = qx.device();
+  at::Tensor sx = at::empty({qx.size(0)}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  W4A8Args a = base_args(qx, sx, qweight, n, c10::nullopt);
+  const bool g128 = s2_scales.has_value() && s2_scales->defined();
+  if (g128) g128_args(a, *s2_scales, *s2_zeros, dev);
+  return run_gemm(a, g128, at::kInt, dev);
+}
+
+}  // namespace
+}  // namespace qoq
+
+TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
+  m.impl("quantize_per_token", &qoq::quantize_per_token_cuda);
+  m.impl("w4a8_chn_gemm", &qoq::w4a8_chn_gemm_cuda);
+  m.impl("w4a8_g128_gemm", &qoq::w4a8_g128_gemm_cuda);
+}
+
+TORCH_LIBRARY(qoq_debug, m) {
+  m.def("w4a8_acc(Tensor qx, Tensor qweight, Tensor? s2_scales, Tensor? s2_zeros, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qoq_debug, CUDA, m) { m.impl("w4a8_acc", &qoq::w4a8_acc_debug); }

@@ -1,0 +1,431 @@
+// W4A8 GEMM on mma.sync m16n8k32 (sm_80 / sm_89; also runs on sm_90).
+//
+//   per-channel: acc = sum_k qx[m,k] * u[n,k];   y = sx[m] * (s[n]*acc - szeros[n]*qsum[m])
+//   g128:        acc = sum_k qx[m,k] * q8[n,k];  y = (acc * sx[m]) * s1[n],  q8 = s2*(u - z)
+//   then + bias, cast to fp16/bf16 (or the raw int32 acc for the debug op).
+// The spec is vllm_qoq/reference/gemm.py; acc is exact int32, the fp32 epilogue uses
+// explicitly rounded ops (__fmul_rn / __fsub_rn / __fadd_rn: no FMA contraction) in the
+// reference's order, so the outputs match it to the last bit in practice.
+//
+// ---- Layouts read here (produced by vllm_qoq/kernel_layout.py, which says the same) ----
+// qx      int8 [M, K] row-major (the activation quantizer's output).
+// qweight uint8, Np*K/2 bytes, viewed as [Np/32][K/32][32 lanes][16 bytes]: one 512-byte
+//         block per (32 output channels, 32 input channels).  Lane l = 4*g + t of a warp
+//         loads its 16 bytes = 4 words; word j (0..3) serves output channel n = 32*nc + 8*j + g
+//         (the B fragment of the n8 sub-tile j, see device.cuh): byte i (0..3) of word j holds
+//         u[n, 32*kc + 4*t + i] in its low nibble and u[n, 32*kc + 16 + 4*t + i] in its high
+//         nibble, so  b0 = w & 0x0F0F0F0F,  b1 = (w >> 4) & 0x0F0F0F0F.
+// s2, zneg uint8 [K/128, Np] (g128): row = group, columns permuted inside each block of 32 so
+//         that position 4*g + j holds channel 8*j + g: lane g reads one 32-bit word and gets
+//         the 4 channels it serves.  zneg = (-z*s2) mod 256.
+// scales/szeros/s1 fp16 [N], natural order.
+//
+// ---- Tiling and pipeline ----
+// A CTA computes a BM x BN output tile.  Its warps form a WM x WN x WK grid: (wm, wn) picks a
+// TM x TN sub-tile, wk a slice of TK = BK/WK input channels of every BK-wide stage (intra-CTA
+// split-K, reduced through shared memory at the end).  STAGES-deep cp.async pipeline; each
+// stage holds A (BM x BK int8, 16-byte chunks XOR-swizzled so ldmatrix is conflict-free),
+// B (BN x BK/2 bytes in the 512-byte block order above: a warp's 16-byte loads are one
+// contiguous 512-byte run) and, for g128, the s2/zneg rows of the stage's groups.
+// Across CTAs, split-K (grid.z) adds int32 partials into a zeroed workspace with atomics
+// (exact and order-independent); the last CTA of a tile (per-tile counter) reads the sum,
+// zeroes the workspace tile and counter again (self-cleaning: no memset per call, CUDA-graph
+// safe) and runs the epilogue.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/device.cuh"
+
+namespace qoq {
+namespace sm80 {
+
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int WK_, int STAGES_>
+struct TileCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, WK = WK_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int THREADS = 32 * WM * WN * WK;
+  static constexpr int TM = BM / WM, TN = BN / WN, TK = BK / WK;
+  static constexpr int MT = TM / 16;  // m16 tiles per warp
+  static constexpr int NC = TN / 32;  // n32 blocks per warp
+  static constexpr int KS = TK / 32;  // k32 steps per warp per stage
+  static constexpr int KC = BK / 32;  // k32 blocks per stage
+  static constexpr int GPS = BK >= 128 ? BK / 128 : 1;  // g128 groups per stage
+  static constexpr int A_BYTES = BM * BK;
+  static constexpr int B_BYTES = BN * BK / 2;
+  static constexpr int S_BYTES = 2 * GPS * BN;  // s2 then zneg (g128 only)
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int RED_BYTES = (WK - 1) * BM * BN * 4;
+  static_assert(TM % 16 == 0 && TN % 32 == 0 && TK % 32 == 0, "warp tile");
+  static_assert(BK < 128 ? 128 % BK == 0 : BK % 128 == 0, "a stage covers whole groups");
+  static_assert(TK <= 128 && 128 % TK == 0, "a warp's k-slice lies in one g128 group");
+  static_assert(RED_BYTES <= SMEM_BYTES, "reduction buffer reuses the pipeline smem");
+  static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0 && S_BYTES % 16 == 0, "16B chunks");
+};
+
+// XOR swizzle of the 16-byte chunk `ch` of A row `r` (rows are BK bytes): the 8 rows one
+// ldmatrix phase reads land in 8 different 16-byte bank groups.
+template <int BK>
+__device__ __forceinline__ int swz(int r, int ch) {
+  constexpr int CPR = BK / 16;
+  if constexpr (CPR >= 8) {
+    return ch ^ (r & 7);
+  } else {
+    return ch ^ ((r / (8 / CPR)) & (CPR - 1));
+  }
+}
+
+__device__ __forceinline__ float ld_bias(const void* b, BiasKind kind, int n) {
+  switch (kind) {
+    case BiasKind::F16: return __half2float(static_cast<const __half*>(b)[n]);
+    case BiasKind::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(b)[n]);
+    case BiasKind::F32: return static_cast<const float*>(b)[n];
+    default: return 0.f;
+  }
+}
+
+template <bool G128>
+__device__ __forceinline__ float epilogue1(const W4A8Args& a, int m, int n, int32_t acc,
+                                           float sxm, float qsm) {
+  float y;
+  const float accf = static_cast<float>(acc);
+  if constexpr (G128) {
+    y = __fmul_rn(__fmul_rn(accf, sxm), __half2float(static_cast<const __half*>(a.scales)[n]));
+  } else {
+    const float s = __half2float(static_cast<const __half*>(a.scales)[n]);
+    const float sz = __half2float(static_cast<const __half*>(a.szeros)[n]);
+    y = __fmul_rn(__fsub_rn(__fmul_rn(accf, s), __fmul_rn(qsm, sz)), sxm);
+  }
+  if (a.bias_kind != BiasKind::None) y = __fadd_rn(y, ld_bias(a.bias, a.bias_kind, n));
+  return y;
+}
+
+// Write two adjacent outputs (m, n) and (m, n+1); n+1 may be out of range.
+template <bool G128, OutKind OUT>
+__device__ __forceinline__ void store2(const W4A8Args& a, int m, int n, int32_t v0, int32_t v1) {
+  if (n >= a.N) return;
+  const bool pair = (n + 1 < a.N) && ((a.N & 1) == 0);
+  const int64_t off = static_cast<int64_t>(m) * a.N + n;
+  if constexpr (OUT == OutKind::I32) {
+    int32_t* o = static_cast<int32_t*>(a.out) + off;
+    if (pair) {
+      *reinterpret_cast<int2*>(o) = make_int2(v0, v1);
+    } else {
+      o[0] = v0;
+      if (n + 1 < a.N) o[1] = v1;
+    }
+  } else {
+    const float sxm = a.sx[m];
+    const float qsm = G128 ? 0.f : static_cast<float>(a.qsum[m]);
+    const float y0 = epilogue1<G128>(a, m, n, v0, sxm, qsm);
+    const float y1 = (n + 1 < a.N) ? epilogue1<G128>(a, m, n + 1, v1, sxm, qsm) : 0.f;
+    if constexpr (OUT == OutKind::F16) {
+      __half* o = static_cast<__half*>(a.out) + off;
+      if (pair) {
+        *reinterpret_cast<__half2*>(o) = __halves2half2(__float2half_rn(y0), __float2half_rn(y1));
+      } else {
+        o[0] = __float2half_rn(y0);
+        if (n + 1 < a.N) o[1] = __float2half_rn(y1);
+      }
+    } else {
+      __nv_bfloat16* o = static_cast<__nv_bfloat16*>(a.out) + off;
+      if (pair) {
+        *reinterpret_cast<__nv_bfloat162*>(o) =
+            __halves2bfloat162(__float2bfloat16_rn(y0), __float2bfloat16_rn(y1));
+      } else {
+        o[0] = __float2bfloat16_rn(y0);
+        if (n + 1 < a.N) o[1] = __float2bfloat16_rn(y1);
+      }
+    }
+  }
+}
+
+template <class C, bool G128>
+__device__ __forceinline__ void load_stage(uint8_t* st, const W4A8Args& a, int m0, int n0,
+                                           int kt) {
+  const int tid = threadIdx.x;
+  const int k0 = kt * C::BK;
+  // A: BM rows x BK/16 chunks.
+  constexpr int ACH = C::BK / 16;
+#pragma unroll
+  for (int c = tid; c < C::BM * ACH; c += C::THREADS) {
+    const int r = c / ACH, ch = c % ACH;
+    const int m = m0 + r, k = k0 + ch * 16;
+    const bool v = (m < a.M) && (k < a.K);
+    const int8_t* src = v ? a.qx + static_cast<int64_t>(m) * a.K + k : a.qx;
+    dev::cp_async16(st + r * C::BK + swz<C::BK>(r, ch) * 16, src, v);
+  }
+  // B: BN/32 blocks x KC k32 blocks x 32 lanes x 16 bytes (the global 512-byte blocks).
+  uint8_t* sb = st + C::A_BYTES;
+  const int kblocks = a.K / 32;
+#pragma unroll
+  for (int p = tid; p < C::BN * C::BK / 32; p += C::THREADS) {
+    const int nc = p / (C::KC * 32), rem = p % (C::KC * 32);
+    const int kk = rem / 32, lane = rem % 32;
+    const int ncg = n0 / 32 + nc, kcg = k0 / 32 + kk;
+    const bool v = (ncg * 32 < a.Np) && (kcg < kblocks);
+    const uint8_t* src =
+        v ? a.qweight + ((static_cast<int64_t>(ncg) * kblocks + kcg) * 32 + lane) * 16
+          : a.qweight;
+    dev::cp_async16(sb + p * 16, src, v);
+  }
+  if constexpr (G128) {
+    uint8_t* ss = sb + C::B_BYTES;
+    constexpr int PER = C::GPS * C::BN / 16;  // 16-byte pieces per array
+    const int groups = a.K / 128;
+    for (int p = tid; p < 2 * PER; p += C::THREADS) {
+      const int which = p / PER, q = p % PER;
+      const int gi = q / (C::BN / 16), c = q % (C::BN / 16);
+      const int grp = k0 / 128 + gi, n = n0 + c * 16;
+      const bool v = (grp < groups) && (n < a.Np);
+      const uint8_t* base = which ? a.zneg : a.s2;
+      const uint8_t* src = v ? base + static_cast<int64_t>(grp) * a.Np + n : base;
+      dev::cp_async16(ss + which * C::GPS * C::BN + gi * C::BN + c * 16, src, v);
+    }
+  }
+}
+
+template <class C, bool G128, OutKind OUT>
+__global__ void __launch_bounds__(C::THREADS)
+    w4a8_sm80_kernel(const W4A8Args a, int k_tiles_per_split) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wk = warp / (C::WM * C::WN), wmn = warp % (C::WM * C::WN);
+  const int wm = wmn / C::WN, wn = wmn % C::WN;
+  const int n0 = blockIdx.x * C::BN, m0 = blockIdx.y * C::BM;
+  const int kt_total = (a.K + C::BK - 1) / C::BK;
+  const int kt0 = blockIdx.z * k_tiles_per_split;
+  const int kt1 = min(kt_total, kt0 + k_tiles_per_split);
+  const int nkt = max(0, kt1 - kt0);
+
+  int32_t acc[C::MT][C::NC][4][4];
+#pragma unroll
+  for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][q][e] = 0;
+
+#pragma unroll
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < nkt) load_stage<C, G128>(smem + s * C::STAGE_BYTES, a, m0, n0, kt0 + s);
+    dev::cp_async_commit();
+  }
+
+  for (int it = 0; it < nkt; ++it) {
+    dev::cp_async_wait<C::STAGES - 2>();
+    __syncthreads();
+    {
+      const int nxt = it + C::STAGES - 1;
+      if (nxt < nkt)
+        load_stage<C, G128>(smem + (nxt % C::STAGES) * C::STAGE_BYTES, a, m0, n0, kt0 + nxt);
+      dev::cp_async_commit();
+    }
+    const uint8_t* sa = smem + (it % C::STAGES) * C::STAGE_BYTES;
+    const uint8_t* sb = sa + C::A_BYTES;
+
+    uint32_t s2w[C::NC], zw[C::NC];
+    if constexpr (G128) {
+      const uint8_t* ss = sb + C::B_BYTES;
+      const int gi = C::BK >= 128 ? (wk * C::TK) / 128 : 0;
+#pragma unroll
+      for (int nc = 0; nc < C::NC; ++nc) {
+        const int col = (wn * C::NC + nc) * 32 + g * 4;
+        s2w[nc] = *reinterpret_cast<const uint32_t*>(ss + gi * C::BN + col);
+        zw[nc] = *reinterpret_cast<const uint32_t*>(ss + C::GPS * C::BN + gi * C::BN + col);
+      }
+    }
+
+#pragma unroll
+    for (int ks = 0; ks < C::KS; ++ks) {
+      const int kl = wk * C::TK + ks * 32;
+      uint32_t af[C::MT][4];
+#pragma unroll
+      for (int mt = 0; mt < C::MT; ++mt) {
+        const int row = wm * C::TM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int ch = kl / 16 + (lane >> 4);
+        dev::ldmatrix_x4(af[mt], sa + row * C::BK + swz<C::BK>(row, ch) * 16);
+      }
+#pragma unroll
+      for (int nc = 0; nc < C::NC; ++nc) {
+        const uint4 w = *reinterpret_cast<const uint4*>(
+            sb + ((((wn * C::NC + nc) * C::KC) + kl / 32) * 32 + lane) * 16);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b0 = dev::lo_nibbles(ws[j]);
+          uint32_t b1 = dev::hi_nibbles(ws[j]);
+          if constexpr (G128) {
+            const uint32_t s2 = (s2w[nc] >> (8 * j)) & 0xffu;
+            const uint32_t z4 = dev::splat_byte(zw[nc], j);
+            b0 = dev::dequant_g128(b0, s2, z4);
+            b1 = dev::dequant_g128(b1, s2, z4);
+          }
+#pragma unroll
+          for (int mt = 0; mt < C::MT; ++mt) dev::mma_s8_16832(acc[mt][nc][j], af[mt], b0, b1);
+        }
+      }
+    }
+  }
+  dev::cp_async_wait<0>();
+
+  // ---- intra-CTA split-K reduction (warps wk > 0 hand their partials to wk == 0).
+  constexpr int ACCN = C::MT * C::NC * 16;
+  if constexpr (C::WK > 1) {
+    __syncthreads();
+    int32_t* red = reinterpret_cast<int32_t*>(smem);
+    if (wk > 0) {
+      int32_t* dst = red + ((wk - 1) * (C::WM * C::WN) + wmn) * ACCN * 32 + lane;
+#pragma unroll
+      for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+        for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dst[(((i * C::NC + j) * 4 + q) * 4 + e) * 32] = acc[i][j][q][e];
+    }
+    __syncthreads();
+    if (wk == 0) {
+#pragma unroll 1
+      for (int w = 1; w < C::WK; ++w) {
+        const int32_t* src = red + ((w - 1) * (C::WM * C::WN) + wmn) * ACCN * 32 + lane;
+#pragma unroll
+        for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+          for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                acc[i][j][q][e] += src[(((i * C::NC + j) * 4 + q) * 4 + e) * 32];
+      }
+    }
+  }
+
+  // ---- inter-CTA split-K: exact int32 atomics, last CTA of the tile finishes.
+  if (gridDim.z > 1) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    const int ntiles = gridDim.x * gridDim.y;
+    int32_t* wt = a.workspace + static_cast<int64_t>(tile) * (C::BM * C::BN);
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * (C::BM * C::BN)) + tile;
+    if (wk == 0) {
+#pragma unroll
+      for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = wm * C::TM + i * 16 + g + 8 * h;
+          if (m0 + r < a.M) {
+#pragma unroll
+            for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const int c = wn * C::TN + j * 32 + q * 8 + 2 * t;
+                atomicAdd(wt + r * C::BN + c, acc[i][j][q][2 * h]);
+                atomicAdd(wt + r * C::BN + c + 1, acc[i][j][q][2 * h + 1]);
+              }
+          }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (wk == 0) {
+#pragma unroll
+      for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = wm * C::TM + i * 16 + g + 8 * h;
+          if (m0 + r < a.M) {
+#pragma unroll
+            for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const int c = wn * C::TN + j * 32 + q * 8 + 2 * t;
+                int2* p = reinterpret_cast<int2*>(wt + r * C::BN + c);
+                const int2 v = __ldcg(p);
+                __stcg(p, make_int2(0, 0));
+                acc[i][j][q][2 * h] = v.x;
+                acc[i][j][q][2 * h + 1] = v.y;
+              }
+          }
+        }
+    }
+    if (tid == 0) *counter = 0;
+  }
+
+  // ---- epilogue
+  if (wk != 0) return;
+#pragma unroll
+  for (int i = 0; i < C::MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm * C::TM + i * 16 + g + 8 * h;
+      if (m >= a.M) continue;
+#pragma unroll
+      for (int j = 0; j < C::NC; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int n = n0 + wn * C::TN + j * 32 + q * 8 + 2 * t;
+          store2<G128, OUT>(a, m, n, acc[i][j][q][2 * h], acc[i][j][q][2 * h + 1]);
+        }
+    }
+}
+
+// Launch one configuration: grid (N tiles, M tiles, K splits).
+template <class C, bool G128, OutKind OUT>
+void launch(const W4A8Args& a, int max_splits, int ctas_per_sm, cudaStream_t stream) {
+  auto kern = w4a8_sm80_kernel<C, G128, OUT>;
+  static bool attr_set = false;  // per instantiation; a benign race sets it twice
+  if (!attr_set) {
+    QOQ_CUDA_CHECK(
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
+    attr_set = true;
+  }
+  const int tn = (a.N + C::BN - 1) / C::BN;
+  const int tm = (a.M + C::BM - 1) / C::BM;
+  const int kt = (a.K + C::BK - 1) / C::BK;
+  int splits = 1;
+  const int64_t tiles = static_cast<int64_t>(tn) * tm;
+  const int64_t need = tiles * (C::BM * C::BN) + tiles;
+  const int64_t target = static_cast<int64_t>(ctas_per_sm) * a.num_sms;
+  if (max_splits > 1 && tiles < target && a.workspace != nullptr && need <= a.workspace_ints) {
+    // Fill one wave of `ctas_per_sm` CTAs per SM; keep at least 2 k-tiles per split.
+    const int64_t want = (target + tiles - 1) / tiles;
+    splits = static_cast<int>(std::min<int64_t>(want, max_splits));
+    splits = std::max(1, std::min(splits, kt / 2));
+  }
+  int per = (kt + splits - 1) / splits;
+  splits = (kt + per - 1) / per;  // no empty split
+  dim3 grid(tn, tm, splits);
+  kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, per);
+  QOQ_CUDA_CHECK(cudaGetLastError());
+}
+
+// Tile configurations by M (see the header comment; tuned on H100).
+using CfgSmall = TileCfg<16, 64, 256, 1, 2, 4, 4>;    // M <= 16   (decode)
+using CfgMid = TileCfg<64, 64, 128, 2, 2, 2, 4>;      // M <= 64
+using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
+
+template <bool G128, OutKind OUT>
+void dispatch(const W4A8Args& a, cudaStream_t stream) {
+  if (a.M <= 16) {
+    launch<CfgSmall, G128, OUT>(a, 16, 2, stream);
+  } else if (a.M <= 64) {
+    launch<CfgMid, G128, OUT>(a, 16, 2, stream);
+  } else {
+    launch<CfgLarge, G128, OUT>(a, 4, 1, stream);
+  }
+}
+
+}  // namespace sm80
+}  // namespace qoq

@@ -1,0 +1,205 @@
+"""CUDA W4A8 GEMMs and the per-token activation quantizer vs the PyTorch reference.
+
+* quantize_per_token: bit-exact (qx, sx, qsum) with reference.quantize_activation.
+* GEMM accumulators: the debug op qoq_debug::w4a8_acc returns the kernels' raw int32
+  accumulators (same kernels, same tile selection as the real ops); they must equal the
+  exact integer product over a sweep of M, N, K for both variants.
+* GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
+  ops (reference/gemm.py) run on the natural layout.
+* Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
+"""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+]
+
+if torch.cuda.is_available():
+    from vllm_qoq import format as fmt
+    from vllm_qoq import kernel_layout as kl
+    from vllm_qoq import ops
+    from vllm_qoq.reference import gemm as ref
+    from vllm_qoq.reference.quantize import quantize_activation, quantize_weight
+
+    ops.register_ops()
+    if not ops.has_cuda_kernels():
+        pytest.skip(f"vllm_qoq._C not built: {ops.extension_error()}", allow_module_level=True)
+
+DEV = "cuda"
+M_SWEEP = [1, 3, 16, 17, 64, 255, 1024, 4097]
+NK_SWEEP = [(32, 128), (96, 576), (4096, 4096), (4096, 14336), (160, 1024)]
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _x(m, k, dtype, seed):
+    return (torch.randn(m, k, device=DEV, generator=_gen(seed)) * 3).to(dtype)
+
+
+def _weights(n, k, gs, seed):
+    w = torch.randn(n, k, device=DEV, generator=_gen(seed))
+    return quantize_weight(w, gs)
+
+
+def _exact_acc(qx, w8):
+    """Exact int32 qx @ w8^T: torch._int_mm where it applies, float64 otherwise."""
+    m, k = qx.shape
+    if m > 16 and k % 8 == 0 and w8.shape[0] % 8 == 0:
+        return torch._int_mm(qx, w8.t().contiguous())
+    return (qx.double() @ w8.double().t()).to(torch.int32)
+
+
+# ---------------------------------------------------------------- activation quant
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 128), (17, 4096), (255, 14336), (1024, 576),
+                                 (4, 100), (2, 40000), (5, 8192), (7, 32768)])
+def test_quantize_per_token_bit_exact(m, k, dtype):
+    x = _x(m, k, dtype, m * 7 + k)
+    if m > 2:
+        x[1] = 0  # all-zero row: sx = 1, qx = 0
+        x[2, : min(k, 5)] = 1e-3  # tiny amax
+    qx, sx, qsum = ops.quantize_per_token(x)
+    # The spec is the reference on CPU: there `amax / 127.0` is an IEEE division.  (On
+    # CUDA, torch divides by a Python scalar as a multiply by its reciprocal, which can
+    # differ by one ulp, so the reference must not be evaluated on the GPU here.)
+    rqx, rsx, rqsum = quantize_activation(x.cpu())
+    assert qx.dtype == torch.int8 and sx.dtype == torch.float32 and qsum.dtype == torch.int32
+    assert torch.equal(sx.cpu(), rsx)
+    assert torch.equal(qx.cpu(), rqx)
+    assert torch.equal(qsum.cpu(), rqsum)
+
+
+def test_quantize_per_token_3d_and_ties():
+    # values at exact .5 multiples of the scale exercise round-half-even
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.0]], device=DEV)
+    x = x.to(torch.bfloat16).reshape(1, 1, 8).repeat(2, 3, 16)
+    qx, sx, qsum = ops.quantize_per_token(x)
+    rqx, rsx, rqsum = quantize_activation(x.cpu())
+    assert qx.shape == (2, 3, 128) and sx.shape == (2, 3)
+    assert torch.equal(qx.cpu(), rqx) and torch.equal(sx.cpu(), rsx) and torch.equal(qsum.cpu(), rqsum)
+    assert qx[0, 0, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -127]
+
+
+# ---------------------------------------------------------------- exact accumulators
+def _acc_case(m, n, k, gs, seed):
+    q = _weights(n, k, gs, seed)
+    kt = kl.to_kernel_layout(q, gs)
+    qx = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8, generator=_gen(seed + 1))
+    if gs == -1:
+        w8 = fmt.unpack_int4(q["qweight"]).to(torch.int8)
+        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, n)
+    else:
+        w8 = fmt.int8_weight_g128(q["qweight"], q["s2_scales"], q["s2_zeros"])
+        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n)
+    return acc, _exact_acc(qx, w8)
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n,k", NK_SWEEP)
+@pytest.mark.parametrize("m", M_SWEEP)
+def test_int32_accumulators_exact(m, n, k, gs):
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    acc, want = _acc_case(m, n, k, gs, seed=m + n + k)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n", [80, 40])  # N % 32 != 0: padded kernel layout
+def test_int32_accumulators_padded_n(n, gs):
+    for m in (1, 33, 300):
+        acc, want = _acc_case(m, n, 256, gs, seed=n + m)
+        assert torch.equal(acc, want)
+
+
+def test_g128_extreme_codes():
+    """Largest |q8| products (s2 = 16, u at both ends) stay exact."""
+    n, k = 64, 512
+    u = torch.randint(0, 2, (n, k), device=DEV, dtype=torch.uint8, generator=_gen(5)) * 15
+    s2 = torch.full((n, k // 128), 16, device=DEV, dtype=torch.uint8)
+    z = torch.full((n, k // 128), 8, device=DEV, dtype=torch.uint8)
+    # q8 = 16*(u - 8) in {-128, 112}
+    qw = fmt.pack_int4(u)
+    kt = kl.to_kernel_layout(
+        {"qweight": qw, "s1_scales": torch.ones(n, device=DEV, dtype=torch.float16),
+         "s2_scales": s2, "s2_zeros": z}, 128)
+    qx = torch.full((20, k), -127, device=DEV, dtype=torch.int8)
+    qx[::2] = 127
+    acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n)
+    w8 = fmt.int8_weight_g128(qw, s2, z)
+    assert int(w8.min()) == -128
+    assert torch.equal(acc, _exact_acc(qx, w8))
+
+
+# ---------------------------------------------------------------- full ops vs reference
+OUT_SHAPES = [(32, 128), (96, 576), (4096, 4096), (80, 256)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n,k", OUT_SHAPES)
+@pytest.mark.parametrize("m", [1, 17, 255, 1024])
+def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    seed = m * 31 + n + k
+    q = _weights(n, k, gs, seed)
+    kt = kl.to_kernel_layout(q, gs)
+    x = _x(m, k, dtype, seed + 2)
+    b = (torch.randn(n, device=DEV, generator=_gen(seed + 3)) * 4).to(dtype) if bias else None
+    qx, sx, qsum = ops.quantize_per_token(x)
+    if gs == -1:
+        y = ops.w4a8_chn_gemm(qx, sx, qsum, kt["qweight"], kt["scales"], kt["szeros"], b, dtype)
+        want = ref.w4a8_chn_gemm(qx, sx, qsum, q["qweight"], q["scales"], q["szeros"], b, dtype)
+    else:
+        y = ops.w4a8_g128_gemm(qx, sx, kt["qweight"], kt["s1_scales"], kt["s2_scales"],
+                               kt["s2_zeros"], b, dtype)
+        want = ref.w4a8_g128_gemm(qx, sx, q["qweight"], q["s1_scales"], q["s2_scales"],
+                                  q["s2_zeros"], b, dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.isfinite(y).all()
+    # same int32 accumulator, same fp32 epilogue order: at most one output ulp apart
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+    ulp_frac = float((y != want).float().mean())
+    assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
+
+
+def test_split_k_workspace_self_cleans_and_graph_replay():
+    n, k = 4096, 4096
+    q = _weights(n, k, 128, 11)
+    kt = kl.to_kernel_layout(q, 128)
+    x = _x(1, k, torch.float16, 12)
+    qx, sx, _ = ops.quantize_per_token(x)
+
+    def run():
+        return ops.w4a8_g128_gemm(qx, sx, kt["qweight"], kt["s1_scales"], kt["s2_scales"],
+                                  kt["s2_zeros"], None, torch.float16)
+
+    first = run()
+    for _ in range(3):
+        assert torch.equal(run(), first)
+    want = ref.w4a8_g128_gemm(qx, sx, q["qweight"], q["s1_scales"], q["s2_scales"],
+                              q["s2_zeros"], None, torch.float16)
+    torch.testing.assert_close(first, want, rtol=1e-2, atol=1e-3)
+
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+        with torch.cuda.graph(g):
+            qx2, sx2, qs2 = ops.quantize_per_token(x)
+            y = ops.w4a8_g128_gemm(qx2, sx2, kt["qweight"], kt["s1_scales"], kt["s2_scales"],
+                                   kt["s2_zeros"], None, torch.float16)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, first)
