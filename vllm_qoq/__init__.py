@@ -21,5 +21,8 @@ def register() -> None:
 
     ops.register_ops()
     from . import config  # noqa: F401  (the decorator registers "qoq" with vLLM)
+    from .attention import register_backend
+
+    register_backend()  # KV4 ops + the CUSTOM attention backend (idempotent)
 
     _registered = True

@@ -85,3 +85,73 @@ def tp_rank_and_size() -> tuple[int, int]:
     )
 
     return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+# --- attention ---
+# The KV4 attention backend (vllm_qoq/attention).  0.26 and 0.28 share these
+# module paths, the CUSTOM slot of the backend registry and the
+# `int4_per_token_head` cache dtype.  Differences handled here:
+#   * 0.28 asks the backend for its page content (AttentionBackend.customize_spec,
+#     AttentionSpec.state_content_bytes); 0.26 sizes int4_per_token_head pages
+#     itself (head_size/2 + 4 bytes per token-head for K and for V), which is
+#     already our budget.
+#   * 0.33 drops get_kv_cache_shape for customize_spec + supported layouts,
+#     passes a spec to get_supported_kernel_block_sizes, and adds
+#     register_kv_cache_dtype() (KVQuantMode.CUSTOM aliases OCTAVE_K3V4 there):
+#     not supported yet; the backend accepts the extra argument already.
+from vllm.v1.attention.backend import (  # noqa: E402
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.registry import (  # noqa: E402
+    AttentionBackendEnum,
+)
+from vllm.v1.attention.backends.registry import (  # noqa: E402
+    register_backend as register_attention_backend,
+)
+
+KV4_CACHE_DTYPE = "int4_per_token_head"
+
+
+def attention_layer_class():
+    """vLLM's decoder Attention layer class (what get_quant_method receives)."""
+    try:
+        from vllm.model_executor.layers.attention import Attention
+    except ImportError:  # older layout
+        from vllm.attention.layer import Attention
+    return Attention
+
+
+def custom_backend_path() -> str | None:
+    """The class path registered in the CUSTOM slot, or None."""
+    try:
+        return AttentionBackendEnum.CUSTOM.get_path()
+    except ValueError:
+        return None
+
+
+def with_page_content(spec, content_bytes: int):
+    """Give an AttentionSpec our page content per (token, KV head) where vLLM asks (0.28+)."""
+    import dataclasses
+
+    if not hasattr(spec, "state_content_bytes"):
+        return spec  # 0.26: the in-tree page size of int4_per_token_head is ours
+    if spec.state_content_bytes is not None:
+        return spec
+    return dataclasses.replace(spec, state_content_bytes=content_bytes)
+
+
+def current_platform_class():
+    from vllm.platforms import current_platform
+
+    return type(current_platform), current_platform
+
+
+def max_model_len(vllm_config) -> int:
+    return int(vllm_config.model_config.max_model_len)

@@ -20,6 +20,7 @@ from .compat import (
     LinearBase,
     QuantizationConfig,
     UnquantizedLinearMethod,
+    attention_layer_class,
     is_layer_skipped,
     register_quantization_config,
 )
@@ -191,4 +192,8 @@ class QoQConfig(QuantizationConfig):
             from .linear import QoQLinearMethod
 
             return QoQLinearMethod(self, prefix)
+        if isinstance(layer, attention_layer_class()):
+            from .attention import get_attention_quant_method
+
+            return get_attention_quant_method(self, layer, prefix)  # KV4 guard; None
         return None
