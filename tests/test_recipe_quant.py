@@ -1,0 +1,169 @@
+"""QoQ recipe quantizers (clipping search, GPTQ) and the whole run_qoq on tiny models."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from converters import calib
+from converters.recipe import QoQOptions, run_qoq
+from converters.recipe import transforms as T
+from converters.recipe.quantizers import (
+    HessianAccumulator,
+    clip_search,
+    gptq_quantize,
+    output_error,
+    relative_error,
+    rtn_quantize,
+)
+from vllm_qoq import format as fmt
+from vllm_qoq.reference.quantize import quantize_weight
+
+GS = [-1, 128]
+
+
+def _problem(n=64, k=256, t=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[:, :3] *= 6  # a few outlier input channels
+    mix = torch.randn(k, k, generator=g) * 0.2 + torch.eye(k)
+    x = torch.randn(t, k, generator=g) @ mix  # correlated inputs: GPTQ has something to exploit
+    acc = HessianAccumulator(k, "cpu")
+    for chunk in x.split(300):
+        acc.add(chunk)
+    return w, x, acc.h
+
+
+def test_hessian_accumulator_is_the_mean_outer_product():
+    _, x, h = _problem()
+    torch.testing.assert_close(h, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("gs", GS)
+def test_gptq_with_diagonal_hessian_is_reference_rtn(gs):
+    w, _, _ = _problem()
+    h = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5)
+    q, r = gptq_quantize(w, h, gs), quantize_weight(w, gs)
+    assert q.keys() == r.keys()
+    for name in r:
+        assert torch.equal(q[name], r[name]), name
+
+
+@pytest.mark.parametrize("gs", GS)
+def test_gptq_reduces_layer_error_vs_rtn(gs):
+    w, x, h = _problem()
+    q = gptq_quantize(w, h, gs)
+    fmt.validate_layer(q, gs, "gptq")
+    e_gptq = relative_error(w, fmt.dequantize_weight(q, gs), h)
+    e_rtn = relative_error(w, fmt.dequantize_weight(quantize_weight(w, gs), gs), h)
+    assert e_gptq < 0.8 * e_rtn
+    # the H-based error is the true output error on the calibration inputs
+    d = x @ (w - fmt.dequantize_weight(q, gs)).T
+    assert abs(float(d.pow(2).sum() / (x @ w.T).pow(2).sum()) - e_gptq) < 1e-3 * e_gptq + 1e-9
+
+
+@pytest.mark.parametrize("gs", GS)
+def test_clipping_never_increases_error(gs):
+    w, _, h = _problem(seed=2)
+    ratio = clip_search(w, h, gs, steps=20)
+    assert ratio.shape == (w.shape[0],) and float(ratio.max()) <= 1.0 and float(ratio.min()) >= 0.2
+    e_rtn = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs), gs), h)
+    e_clip = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs), h)
+    assert bool((e_clip <= e_rtn * (1 + 1e-9)).all())  # per output channel
+    assert float(e_clip.sum()) < float(e_rtn.sum())  # and it helps somewhere
+    # GPTQ on top of the clipped parameters stays a valid layer
+    fmt.validate_layer(gptq_quantize(w, h, gs, ratio), gs, "gptq+clip")
+
+
+def test_g128_gptq_keeps_int8_invariant():
+    w, _, h = _problem(n=32, k=384, seed=3)
+    q = gptq_quantize(w * 50, h, 128, protective_range=119)
+    q8 = fmt.int8_weight_g128(q["qweight"], q["s2_scales"], q["s2_zeros"]).to(torch.int32)
+    u = fmt.unpack_int4(q["qweight"]).to(torch.int32).view(32, 3, 128)
+    s2 = q["s2_scales"].to(torch.int32).view(32, 3, 1)
+    z = q["s2_zeros"].to(torch.int32).view(32, 3, 1)
+    assert torch.equal(q8.view(32, 3, 128), s2 * (u - z))  # no int8 wrap-around
+    assert int(q8.min()) >= -128 and int(q8.max()) <= 127
+
+
+# ---------------------------------------------------------------- calibration
+def test_calib_sources(tmp_path):
+    j = tmp_path / "c.jsonl"
+    j.write_text(json.dumps({"page": "alpha beta"}) + "\n" + json.dumps({"text": "gamma"}) + "\n")
+    assert calib.load_texts(j) == ["alpha beta", "gamma"]
+    t = tmp_path / "c.txt"
+    t.write_text("one doc\n\ntwo doc\n\n\n")
+    assert calib.load_texts(t) == ["one doc", "two doc"]
+    with pytest.raises(FileNotFoundError):
+        calib.load_texts(tmp_path / "missing.jsonl")
+    assert len(calib.load_texts(max_chars=1)) == 1  # the default file exists
+
+
+class _CharTok:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+
+def test_sample_windows_deterministic_and_shaped():
+    texts = calib.load_texts(max_chars=20000)
+    a = calib.sample_windows(_CharTok(), texts, 5, 64, seed=1)
+    b = calib.sample_windows(_CharTok(), texts, 5, 64, seed=1)
+    assert a.shape == (5, 64) and a.dtype == torch.int64 and torch.equal(a, b)
+    with pytest.raises(ValueError):
+        calib.sample_windows(_CharTok(), ["ab"], 1, 64)
+
+
+# ------------------------------------------------------------ the whole recipe
+def _model(kind):
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+              num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    m = (LlamaForCausalLM(LlamaConfig(**kw)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw)))
+    return m.float().eval()
+
+
+@pytest.mark.parametrize("kind,gs", [("llama", -1), ("llama", 128), ("qwen2", 128)])
+def test_run_qoq_end_to_end(kind, gs):
+    m = _model(kind)
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(ids).logits
+    opts = QoQOptions(clip_steps=10, batch_size=4, progress=False, smooth_tokens=256, device="cpu",
+                      skip=("model.layers.1.mlp.down_proj",))
+    res = run_qoq(m, None, ids, gs, opts)
+    assert len(res.quantized) == 13  # 2 layers x 7 linears, minus the skipped one
+    for prefix, q in res.quantized.items():
+        fmt.validate_layer(q, gs, prefix)
+        # the model now holds exactly the dequantized weights (fake quant)
+        lin = dict(m.named_modules())[prefix]
+        assert torch.equal(lin.weight, fmt.dequantize_weight(q, gs))
+        assert prefix + ".weight" not in res.floats
+    assert "model.layers.1.mlp.down_proj.weight" in res.floats
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(res.floats)
+    if kind == "qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in res.floats
+    for row in res.report:  # GPTQ + clipping never lose to RTN on the calibration data
+        assert row["rel_err"] <= row["rel_err_rtn"] * 1.0001, row
+    assert sum(r["rel_err"] for r in res.report) < 0.7 * sum(r["rel_err_rtn"] for r in res.report)
+    assert res.recipe["reorder"] == (gs == 128) and res.recipe["gptq"] and res.recipe["clip"]
+    with torch.no_grad():
+        out = m(ids).logits
+    assert float((out - ref).norm() / ref.norm()) < 0.15  # a working 4-bit model
+    assert "geomean" in res.summary()
+
+
+def test_run_qoq_options_disable_steps():
+    m = _model("llama")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(4))
+    opts = QoQOptions(rotation=False, smooth_attention=False, smooth_linear=False, clip=False,
+                      gptq=False, progress=False, device="cpu")
+    w0 = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    res = run_qoq(m, None, ids, 128, opts)
+    assert not res.recipe["rotation"] and "tie_word_embeddings" not in res.config_updates
+    # nothing but RTN (reordering is still on for g128, and q_proj is not reordered)
+    assert all(torch.equal(res.quantized["model.layers.0.self_attn.q_proj"][k], v)
+               for k, v in quantize_weight(w0, 128).items())
+    assert T.head_dims(m) == (8, 2, 32)
