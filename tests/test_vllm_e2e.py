@@ -85,8 +85,9 @@ def runs(tmp_path_factory):
     else:
         smol_error = None
         smol_q = _convert(smol, work / "smollm2-chn", "--group-size", "-1")
+        smol_fq = _convert(smol, work / "smollm2-chn-fq", "--group-size", "-1", "--fake-quant")
         windows = _eval_windows(smol, n_windows=6, seqlen=512)
-        for name, path in (("smol_fp16", smol), ("smol_qoq_chn", smol_q)):
+        for name, path in (("smol_fp16", smol), ("smol_qoq_chn", smol_q), ("smol_fq_chn", smol_fq)):
             smol_jobs.append({
                 "name": name, "model": str(path), "prompts": ["The capital of France is"],
                 "max_tokens": 6, "logprobs": 1, "ppl_token_windows": windows,
@@ -138,12 +139,45 @@ def _ppl(r: dict) -> float:
 
 
 def test_smollm2_real_weights(runs):
+    """Real weights: the answer survives, and the runtime tracks its fake-quant reference.
+
+    RTN per-channel W4 costs a 135M model a lot of perplexity (the QoQ recipe is
+    what closes that gap); the runtime adds INT8 activations on top of the
+    fake-quant (W4, float activations) model, which must cost little: within 15%.
+    """
     if runs["_smol_error"]:
         pytest.skip(f"SmolLM2 unavailable: {runs['_smol_error']}")
-    fp16, q = runs["smol_fp16"], runs["smol_qoq_chn"]
-    ppl16, pplq = _ppl(fp16), _ppl(q)
-    print(f"SmolLM2-135M SOTU ppl (6x512 tokens): fp16 {ppl16:.2f}, qoq RTN W4A8 per-channel {pplq:.2f}")
+    fp16, q, fq = runs["smol_fp16"], runs["smol_qoq_chn"], runs["smol_fq_chn"]
+    ppl16, pplq, pplfq = _ppl(fp16), _ppl(q), _ppl(fq)
+    print(f"SmolLM2-135M SOTU ppl (6x512 tokens): fp16 {ppl16:.2f}, fake-quant W4 per-channel "
+          f"{pplfq:.2f}, qoq runtime W4A8 per-channel {pplq:.2f}")
     print(f"answers: fp16 {fp16['outputs'][0]['text']!r}, qoq {q['outputs'][0]['text']!r}")
     assert "Paris" in fp16["outputs"][0]["text"]
     assert "Paris" in q["outputs"][0]["text"]
-    assert ppl16 < pplq < 2.0 * ppl16
+    assert ppl16 < pplfq < 4.0 * ppl16
+    assert abs(pplq / pplfq - 1.0) < 0.15
+
+
+def test_checkpoint_missing_tensor_is_named(tmp_path):
+    """vLLM refuses a qoq checkpoint with a missing tensor and names it."""
+    from safetensors.torch import load_file, save_file
+
+    from converters.tiny import tiny_llama_dir
+
+    src = _convert(tiny_llama_dir(CACHE), CACHE / "e2e" / "tiny-g128", "--group-size", "128")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["model.layers.1.mlp.down_proj.s2_zeros"]
+    save_file(sd, str(broken / "model.safetensors"))
+    (tmp_path / "jobs.json").write_text(json.dumps(
+        [{"name": "broken", "model": str(broken), "llm": {"enforce_eager": True, "dtype": "bfloat16"}}]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "vllm_job.py"), str(tmp_path / "jobs.json"), str(tmp_path / "o.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "down_proj.s2_zeros" in proc.stdout + proc.stderr
