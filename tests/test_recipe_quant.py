@@ -12,6 +12,7 @@ from converters.recipe import transforms as T
 from converters.recipe.quantizers import (
     HessianAccumulator,
     clip_search,
+    fake_quantize,
     gptq_quantize,
     output_error,
     relative_error,
@@ -51,6 +52,14 @@ def test_gptq_with_diagonal_hessian_is_reference_rtn(gs):
 
 
 @pytest.mark.parametrize("gs", GS)
+def test_fake_quantize_is_bit_identical_to_reference(gs):
+    w, _, _ = _problem(seed=5)
+    for ratio in (None, torch.linspace(0.5, 1.0, w.shape[0])):
+        ref = fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs)
+        assert torch.equal(fake_quantize(w, gs, ratio), ref)
+
+
+@pytest.mark.parametrize("gs", GS)
 def test_gptq_reduces_layer_error_vs_rtn(gs):
     w, x, h = _problem()
     q = gptq_quantize(w, h, gs)
@@ -70,7 +79,7 @@ def test_clipping_never_increases_error(gs):
     assert ratio.shape == (w.shape[0],) and float(ratio.max()) <= 1.0 and float(ratio.min()) >= 0.2
     e_rtn = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs), gs), h)
     e_clip = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs), h)
-    assert bool((e_clip <= e_rtn * (1 + 1e-9)).all())  # per output channel
+    assert bool((e_clip <= e_rtn * (1 + 1e-5)).all())  # per output channel (search runs in fp32)
     assert float(e_clip.sum()) < float(e_rtn.sum())  # and it helps somewhere
     # GPTQ on top of the clipped parameters stays a valid layer
     fmt.validate_layer(gptq_quantize(w, h, gs, ratio), gs, "gptq+clip")

@@ -23,6 +23,7 @@ from vllm_qoq import format as fmt
 from vllm_qoq.reference.quantize import (
     level1_g128,
     level2_params,
+    quantize_level2,
     quantize_weight,
     quantize_weight_per_channel,
 )
@@ -44,10 +45,12 @@ class HessianAccumulator:
         self.n += t
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-row (w − ŵ) H (w − ŵ)ᵀ, float64 [N]."""
-    d = (w.to(torch.float64) - w_hat.to(torch.float64))
-    return ((d @ h.to(torch.float64)) * d).sum(dim=1)
+def output_error(
+    w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Per-row (w − ŵ) H (w − ŵ)ᵀ [N], computed in `dtype` (the searches use float32)."""
+    d = w.to(dtype) - w_hat.to(dtype)
+    return ((d @ h.to(dtype)) * d).sum(dim=1)
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -76,20 +79,46 @@ def clip_search(
     """
     n = w.shape[0]
     w = w.to(torch.float32)
-    hd = h.to(torch.float64)
-    best_err = torch.full((n,), float("inf"), dtype=torch.float64, device=w.device)
+    hd = h.to(torch.float32)
+    level1 = level1_g128(w, protective_range) if group_size != -1 else None
+    best_err = torch.full((n,), float("inf"), dtype=torch.float32, device=w.device)
     best = torch.ones(n, dtype=torch.float32, device=w.device)
     for r in clip_grid(steps, min_ratio):
         ratio = torch.full((n, 1), r, dtype=torch.float32, device=w.device)
-        if group_size == -1:
-            q = quantize_weight_per_channel(w, clip_ratio=ratio[:, 0])
-        else:
-            q = quantize_weight(w, group_size, protective_range=protective_range, clip_ratio=ratio)
-        err = output_error(w, fmt.dequantize_weight(q, group_size), hd)
+        err = output_error(w, fake_quantize(w, group_size, ratio[:, 0], level1=level1), hd, torch.float32)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)
     return best
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    group_size: int,
+    clip_ratio: torch.Tensor | None = None,
+    protective_range: int = fmt.DEFAULT_PROTECTIVE_RANGE,
+    level1: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """dequantize(rtn_quantize(w, ...)) without packing (bit-identical; for the searches).
+
+    level1 may pass a precomputed level1_g128(w) (it does not depend on the ratio).
+    """
+    w = w.to(torch.float32)
+    if group_size == -1:  # the arithmetic of reference quantize_weight_per_channel
+        wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+        if clip_ratio is not None:
+            wmax, wmin = wmax * clip_ratio, wmin * clip_ratio
+        s = ((wmax - wmin) / 15.0).clamp_min(1e-8).to(torch.float16).float()[:, None]
+        sz = (-wmin).to(torch.float16).float()[:, None]
+        u = torch.round((w + sz) / s).clamp_(0, 15)
+        return s * u - sz
+    s1, x1 = level1 if level1 is not None else level1_g128(w, protective_range)
+    n, k = x1.shape
+    r = None if clip_ratio is None else clip_ratio.reshape(n, 1)
+    s2, z = level2_params(x1, r)
+    u = quantize_level2(x1, s2, z).to(torch.float32).view(n, k // G, G)
+    q8 = s2.to(torch.float32)[..., None] * (u - z.to(torch.float32)[..., None])
+    return s1.float()[:, None] * q8.view(n, k)
 
 
 def _gptq_hinv(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
