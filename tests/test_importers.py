@@ -219,3 +219,20 @@ def test_deepcompressor_refuses_wrong_channel_scales(tmp_path, capsys):
     _dc_ckpt(tmp_path / "dc", -1, "zero", shuffle)
     assert dc.main(_dc_args(tmp_path / "dc", tmp_path / "o")) == 2
     assert "refusing" in capsys.readouterr().err
+
+
+def test_qserve_peak_check_catches_misplaced_scales():
+    # codes and scales that stay inside INT8 but never reach the protective range:
+    # what pairing the codes with another channel's level-2 scales looks like
+    n, k = 64, 256
+    u = torch.randint(6, 10, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    layer = {"qweight": fmt.pack_int4(u), "s1_scales": torch.ones(n, dtype=torch.float16),
+             "s2_scales": torch.full((n, 2), 8, dtype=torch.uint8), "s2_zeros": torch.full((n, 2), 8, dtype=torch.uint8)}
+    with pytest.raises(qserve.ImportError_, match="protective range"):
+        qserve.check_g128_layer(layer, "x")
+    u[:, 0] = 15  # now every row reaches 8 * (15 - 8) = 56 < 96: still refused
+    with pytest.raises(qserve.ImportError_):
+        qserve.check_g128_layer({**layer, "qweight": fmt.pack_int4(u)}, "x")
+    u[:, 0], u[:, 1] = 0, 15  # 8 * (0 - 8) = -64 ... with s2 = 15: -120 reaches the range
+    ok = {**layer, "qweight": fmt.pack_int4(u), "s2_scales": torch.full((n, 2), 15, dtype=torch.uint8)}
+    assert qserve.check_g128_layer(ok, "x")["rows_at_range"] == 1.0

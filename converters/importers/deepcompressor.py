@@ -46,9 +46,10 @@ def _vec(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
 
 
 def _mismatch(where: str, err: float, detail: str) -> ImportError_:
+    if err == err:  # not NaN
+        detail += f"; max relative error {err:.3g}"
     return ImportError_(
-        f"{where}: scale.pt does not reconstruct model.pt's weight ({detail}; max relative error "
-        f"{err:.3g}): its scale order or zero convention differs from the documented one (e.g. "
+        f"{where}: scale.pt does not reconstruct model.pt's weight ({detail}): its scale order or zero convention differs from the documented one (e.g. "
         "the 2025 deepcompressor layout); refusing to import. Quantize the float model with "
         "`python -m converters.quantize --recipe qoq` instead"
     )
