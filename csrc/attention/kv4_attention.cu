@@ -1,0 +1,573 @@
+// Paged attention over the KV4 cache: decode (split-KV), prefill, chunked prefill and
+// prefix-cached prefill in one kernel.  Spec: vllm_qoq/reference/kv4.py:kv4_attention.
+//
+// Work decomposition
+//   For sequence b and KV head h the "rows" are the (query token, query head) pairs of
+//   the G = Hq/Hkv heads sharing h: row r = token (r / G), head h*G + r % G.  Rows are
+//   cut into tiles of 16 (the M of mma.m16n8k16), so GQA heads share every K/V load.
+//   grid = (num_splits, Hkv * row_tiles, B); a CTA owns one row tile and one split of
+//   the keys; its 4 warps take the 16-key tiles of the split round-robin, each keeping
+//   an online softmax, and merge through shared memory at the end.  With
+//   num_splits > 1 (long decode contexts, few rows) CTAs write (o, lse) partials that
+//   kv4_combine_kernel merges.  The launch shape depends on host values only
+//   (B, max_query_len, num_splits): CUDA-graph safe; lengths come from device memory.
+//
+// Dequantization without dequantizing.  With x = c*s + m (m = -zero*s) per token:
+//   q.k_t  = s_t * (q . c_t) + m_t * sum(q)
+//   sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t m_t
+// so the tensor cores multiply raw 4-bit codes: a code becomes an fp16/bf16 operand
+// with one LOP3 (OR the nibble into the mantissa of 1024.0 / 128.0) and one HSUB2
+// (subtract the magic), two codes per instruction; scales enter once per token in
+// fp32, never per element.
+//
+// Register fragments (PTX mma.m16n8k16, g = lane/4, c = lane%4):
+//   A (16x16): {A[g][2c..2c+1]}, {A[g+8][2c..]}, {A[g][2c+8..2c+9]}, {A[g+8][2c+8..]}
+//   B (16x8):  {B[2c..2c+1][g]}, {B[2c+8..2c+9][g]};  C: {C[g][2c..2c+1]}, {C[g+8][2c..]}
+// S = Q K^T: A = Q rows, B = K^T (k = head dim, n = 8 keys).  A dot product does not
+//   care in which order the head dims are summed, so the k index is a permutation of
+//   the dims chosen to make the B fragment cheap: thread c reads 16 B (D=128) of codes
+//   of key g (and key 8+g), dims [c*D/4, (c+1)*D/4); in k-step j it uses word j/2 of
+//   that segment, nibbles (e0,e4 | e1,e5) for even j and (e2,e6 | e3,e7) for odd j
+//   (each pair = one LOP3 on the word shifted by 0/4/8/12).  Q is loaded in the same
+//   permuted order once per CTA.
+// O = P V: A = P, which is exactly the S accumulators of two key n-tiles (the FA2
+//   register reuse); B = V (k = 16 keys, n = 8 dims).  B pairs two keys per register,
+//   so the thread reads V codes of keys (2c, 2c+1) and (2c+8, 2c+9), bytes
+//   [g*D/16, (g+1)*D/16) (dims [g*D/8, (g+1)*D/8)), and a PRMT interleaves the two
+//   keys' bytes before the LOP3s.  n-tile i's column n is dim n*D/8 + i, so the
+//   thread's outputs (cols 2c, 2c+1) are dims 2c*D/8 + i and (2c+1)*D/8 + i.
+// Keys beyond a row's causal end (and the rest of a partially filled page, whose
+// bytes may be stale) are masked with selects, so NaN scales there never leak.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "attention/kv4.h"
+#include "common/launch.h"
+
+namespace qoq {
+namespace kv4 {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- element-type traits ------------------------------------------------------------
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
+  __device__ static __forceinline__ uint32_t unbias(uint32_t x) {
+    uint32_t m = kMagic;
+    half2 r = __hsub2(*reinterpret_cast<half2*>(&x), *reinterpret_cast<half2*>(&m));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    half2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float to_f32(half x) { return __half2float(x); }
+  __device__ static __forceinline__ half from_f32(float x) { return __float2half_rn(x); }
+  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bfloat162(128, 128)
+  __device__ static __forceinline__ uint32_t unbias(uint32_t x) {
+    uint32_t m = kMagic;
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x),
+                               *reinterpret_cast<__nv_bfloat162*>(&m));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
+  __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Two nibbles of w (bits [sh, sh+4) and [sh+16, sh+20)) as a biased 16-bit pair.
+template <typename T>
+__device__ __forceinline__ uint32_t nib2(uint32_t w, int sh) {
+  return Traits<T>::unbias(((w >> sh) & 0x000F000Fu) | Traits<T>::kMagic);
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void load_words(uint32_t* dst, const uint8_t* src) {
+  if constexpr (BYTES == 16) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+  } else if constexpr (BYTES == 8) {
+    uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+    dst[0] = v.x; dst[1] = v.y;
+  } else if constexpr (BYTES == 4) {
+    dst[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
+  } else {
+    static_assert(BYTES == 32, "unsupported vector width");
+    load_words<16>(dst, src);
+    load_words<16>(dst + 4, src + 16);
+  }
+}
+
+// Raw bytes of one 16-key tile that this thread needs (see the header comment).
+template <int D>
+struct TileRegs {
+  static constexpr int KW = D / 32;  // K words per key (thread's segment)
+  static constexpr int VW = D / 64;  // V words per key
+  uint32_t k[2][KW];                 // keys g, 8+g
+  uint32_t v[4][VW];                 // keys 2c, 2c+1, 2c+8, 2c+9
+  uint2 ksz[2], vsz[2];              // (scale, zero) of keys (2c, 2c+1), (2c+8, 2c+9)
+};
+
+template <int D>
+__device__ __forceinline__ void load_tile(TileRegs<D>& r, const uint8_t* kreg, const uint8_t* vreg,
+                                          int off, int bs, int g, int c) {
+  constexpr int CB = D / 2;  // code bytes per key
+  load_words<D / 8>(r.k[0], kreg + (off + g) * CB + c * (D / 8));
+  load_words<D / 8>(r.k[1], kreg + (off + 8 + g) * CB + c * (D / 8));
+  const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) load_words<D / 16>(r.v[i], vreg + (off + keys[i]) * CB + g * (D / 16));
+  const uint8_t* ksz = kreg + bs * CB + 4 * off;
+  const uint8_t* vsz = vreg + bs * CB + 4 * off;
+  r.ksz[0] = __ldg(reinterpret_cast<const uint2*>(ksz + 8 * c));
+  r.ksz[1] = __ldg(reinterpret_cast<const uint2*>(ksz + 32 + 8 * c));
+  r.vsz[0] = __ldg(reinterpret_cast<const uint2*>(vsz + 8 * c));
+  r.vsz[1] = __ldg(reinterpret_cast<const uint2*>(vsz + 32 + 8 * c));
+}
+
+// DRAM -> L2 prefetch of one 16-key tile (codes of K and V, both (scale, zero) runs).
+template <int D>
+__device__ __forceinline__ void prefetch_tile_l2(const uint8_t* kreg, const uint8_t* vreg, int off,
+                                                 int bs, int lane) {
+  constexpr int CB = D / 2;
+  constexpr int LINES = 16 * CB / 128;  // 128-byte lines of one side's codes
+  const uint8_t* p = nullptr;
+  if (lane < LINES) {
+    p = kreg + off * CB + lane * 128;
+  } else if (lane < 2 * LINES) {
+    p = vreg + off * CB + (lane - LINES) * 128;
+  } else if (lane == 2 * LINES) {
+    p = kreg + bs * CB + 4 * off;
+  } else if (lane == 2 * LINES + 1) {
+    p = vreg + bs * CB + 4 * off;
+  }
+  if (p != nullptr) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+__device__ __forceinline__ float2 scale_min(uint32_t sz) {  // (scale, zero) -> (s, -zero*s)
+  const float2 f = __half22float2(*reinterpret_cast<half2*>(&sz));
+  return make_float2(f.x, -f.y * f.x);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) kv4_attention_kernel(AttnArgs a) {
+  using Tr = Traits<T>;
+  constexpr int KSTEPS = D / 16;
+  constexpr int NT = D / 8;  // output n-tiles
+  constexpr int KW = D / 32;
+
+  // merge buffers: each warp's O fragments (lane-major float4: conflict-free), per-warp
+  // row stats, and the merged, normalized rows (padded against bank conflicts)
+  __shared__ float4 frag_s[kWarps][NT][32];
+  __shared__ float o_s[16][D + 1];
+  __shared__ float m_s[kWarps][16], lw_s[kWarps][16], mvw_s[kWarps][16];
+  __shared__ float l_s[16], mx_s[16];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int b = blockIdx.z;
+  const int G = a.num_q_heads / a.num_kv_heads;
+  const int row_tiles = (a.max_query_len * G + 15) / 16;
+  const int kvh = blockIdx.y / row_tiles, rt = blockIdx.y % row_tiles;
+  const int q0 = a.query_start_loc[b];
+  const int qlen = a.query_start_loc[b + 1] - q0;
+  const int rows = qlen * G;
+  if (rt * 16 >= rows) return;
+  const int ctx = a.seq_lens[b];
+  const int first_pos = ctx - qlen;  // position of query token 0
+
+  // ---- this thread's two rows: Q fragments (permuted dims), sum(q), causal end
+  const int r0 = rt * 16 + g, r1 = r0 + 8;
+  const bool ok0 = r0 < rows, ok1 = r1 < rows;
+  const int end0 = ok0 ? first_pos + r0 / G + 1 : 0;  // keys [0, end) visible
+  const int end1 = ok1 ? first_pos + r1 / G + 1 : 0;
+  uint32_t qa[KSTEPS][4];
+  float qsum0 = 0.f, qsum1 = 0.f;
+  {
+    const T* qp0 = static_cast<const T*>(a.q) + (int64_t)(q0 + r0 / G) * a.q_stride_t +
+                   (int64_t)(kvh * G + r0 % G) * a.q_stride_h;
+    const T* qp1 = static_cast<const T*>(a.q) + (int64_t)(q0 + r1 / G) * a.q_stride_t +
+                   (int64_t)(kvh * G + r1 % G) * a.q_stride_h;
+#pragma unroll
+    for (int wi = 0; wi < KW; ++wi) {
+      const int base = c * (D / 4) + 8 * wi;
+      float x0[8], x1[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        x0[e] = ok0 ? Tr::to_f32(qp0[base + e]) : 0.f;
+        x1[e] = ok1 ? Tr::to_f32(qp1[base + e]) : 0.f;
+        qsum0 += x0[e];
+        qsum1 += x1[e];
+      }
+#pragma unroll
+      for (int half_ = 0; half_ < 2; ++half_) {  // k-step 2*wi + half_, nibbles p = 0 or 2
+        const int p = 2 * half_;
+        uint32_t* f = qa[2 * wi + half_];
+        f[0] = Tr::pack(x0[p], x0[p + 4]);
+        f[1] = Tr::pack(x1[p], x1[p + 4]);
+        f[2] = Tr::pack(x0[p + 1], x0[p + 5]);
+        f[3] = Tr::pack(x1[p + 1], x1[p + 5]);
+      }
+    }
+    qsum0 += __shfl_xor_sync(0xffffffffu, qsum0, 1);
+    qsum0 += __shfl_xor_sync(0xffffffffu, qsum0, 2);
+    qsum1 += __shfl_xor_sync(0xffffffffu, qsum1, 1);
+    qsum1 += __shfl_xor_sync(0xffffffffu, qsum1, 2);
+  }
+
+  // ---- key range of this CTA: the tile's causal span, cut into splits
+  const int last_row = min(rt * 16 + 15, rows - 1);
+  const int kv_hi = first_pos + last_row / G + 1;
+  const int ntiles = (kv_hi + 15) / 16;
+  const int per_split = (ntiles + a.num_splits - 1) / a.num_splits;
+  const int t_begin = blockIdx.x * per_split;
+  const int t_end = min(ntiles, t_begin + per_split);
+
+  const int bs = a.block_size;
+  const int64_t region = (int64_t)bs * (D / 2 + 4);
+  const int32_t* btab = a.block_table + (int64_t)b * a.bt_stride;
+  const float qk_scale = a.scale * kLog2e;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, mv0 = 0.f, mv1 = 0.f;
+
+  auto tile_ptrs = [&](int t, const uint8_t*& kreg, const uint8_t*& vreg, int& off) {
+    const int tok = t * 16;
+    const int64_t page = btab[tok / bs];
+    off = tok % bs;
+    kreg = a.cache + ((page * 2 + 0) * a.num_kv_heads + kvh) * region;
+    vreg = a.cache + ((page * 2 + 1) * a.num_kv_heads + kvh) * region;
+  };
+
+  // Loads in flight per warp: the next tile in registers, and the two after it as L2
+  // prefetches (no registers), enough bytes in flight to cover DRAM latency.
+  auto prefetch = [&](int tp) {
+    if (tp >= t_end) return;
+    const uint8_t *kreg, *vreg;
+    int off;
+    tile_ptrs(tp, kreg, vreg, off);
+    prefetch_tile_l2<D>(kreg, vreg, off, bs, lane);
+  };
+  TileRegs<D> cur, nxt;
+  int t = t_begin + warp;
+  prefetch(t + kWarps);
+  prefetch(t + 2 * kWarps);
+  if (t < t_end) {
+    const uint8_t *kreg, *vreg;
+    int off;
+    tile_ptrs(t, kreg, vreg, off);
+    load_tile<D>(cur, kreg, vreg, off, bs, g, c);
+  }
+  for (; t < t_end; t += kWarps) {
+    const int tn = t + kWarps;
+    prefetch(t + 3 * kWarps);
+    if (tn < t_end) {  // the next tile into registers while this one computes
+      const uint8_t *kreg, *vreg;
+      int off;
+      tile_ptrs(tn, kreg, vreg, off);
+      load_tile<D>(nxt, kreg, vreg, off, bs, g, c);
+    }
+    // S = Q K^T for keys [0, 8) and [8, 16) of the tile
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int j = 0; j < KSTEPS; ++j) {
+        const uint32_t w = cur.k[n][j / 2];
+        const int sh = (j % 2) * 8;
+        Tr::mma(s[n], qa[j], nib2<T>(w, sh), nib2<T>(w, sh + 4));
+      }
+    }
+    // logits, masks, online softmax (log2 domain).  Keys of this thread: 2c, 2c+1
+    // (n-tile 0) and 8+2c, 9+2c (n-tile 1); rows r0 (s[.][0..1]) and r1 (s[.][2..3]).
+    const int kbase = t * 16;
+    float x[2][4];
+    float vs[2][2], vm[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const float2 ka = scale_min(cur.ksz[n].x), kb = scale_min(cur.ksz[n].y);
+      const float2 va = scale_min(cur.vsz[n].x), vb = scale_min(cur.vsz[n].y);
+      const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
+      x[n][0] = key0 < end0 ? (ka.x * s[n][0] + ka.y * qsum0) * qk_scale : -INFINITY;
+      x[n][1] = key1 < end0 ? (kb.x * s[n][1] + kb.y * qsum0) * qk_scale : -INFINITY;
+      x[n][2] = key0 < end1 ? (ka.x * s[n][2] + ka.y * qsum1) * qk_scale : -INFINITY;
+      x[n][3] = key1 < end1 ? (kb.x * s[n][3] + kb.y * qsum1) * qk_scale : -INFINITY;
+      const bool in0 = key0 < kv_hi, in1 = key1 < kv_hi;  // stale page bytes beyond: zero
+      vs[n][0] = in0 ? va.x : 0.f;
+      vm[n][0] = in0 ? va.y : 0.f;
+      vs[n][1] = in1 ? vb.x : 0.f;
+      vm[n][1] = in1 ? vb.y : 0.f;
+    }
+    float tm0 = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
+    float tm1 = fmaxf(fmaxf(x[0][2], x[0][3]), fmaxf(x[1][2], x[1][3]));
+    tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 1));
+    tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 2));
+    tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 1));
+    tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 2));
+    const float mn0 = fmaxf(m0, tm0), mn1 = fmaxf(m1, tm1);
+    const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float al0 = exp2f(m0 - base0), al1 = exp2f(m1 - base1);  // m = -inf -> 0
+    m0 = mn0;
+    m1 = mn1;
+    float p[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      p[n][0] = exp2f(x[n][0] - base0);
+      p[n][1] = exp2f(x[n][1] - base0);
+      p[n][2] = exp2f(x[n][2] - base1);
+      p[n][3] = exp2f(x[n][3] - base1);
+    }
+    l0 = l0 * al0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+    l1 = l1 * al1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+    mv0 = mv0 * al0 + (p[0][0] * vm[0][0] + p[0][1] * vm[0][1] + p[1][0] * vm[1][0] +
+                       p[1][1] * vm[1][1]);
+    mv1 = mv1 * al1 + (p[0][2] * vm[0][0] + p[0][3] * vm[0][1] + p[1][2] * vm[1][0] +
+                       p[1][3] * vm[1][1]);
+    if (al0 != 1.f || al1 != 1.f) {  // the running max moved (rare after the first tiles)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        acc[i][0] *= al0;
+        acc[i][1] *= al0;
+        acc[i][2] *= al1;
+        acc[i][3] *= al1;
+      }
+    }
+    // P' = p * s_v as the A fragment (keys 2c,2c+1 | 2c+8,2c+9)
+    uint32_t pa[4];
+    pa[0] = Tr::pack(p[0][0] * vs[0][0], p[0][1] * vs[0][1]);
+    pa[1] = Tr::pack(p[0][2] * vs[0][0], p[0][3] * vs[0][1]);
+    pa[2] = Tr::pack(p[1][0] * vs[1][0], p[1][1] * vs[1][1]);
+    pa[3] = Tr::pack(p[1][2] * vs[1][0], p[1][3] * vs[1][1]);
+    // O += P' C_v: V codes of key pairs interleaved per byte by PRMT
+#pragma unroll
+    for (int wi = 0; wi < TileRegs<D>::VW; ++wi) {
+#pragma unroll
+      for (int hb = 0; hb < 2; ++hb) {  // bytes 0-1 (nibbles e0..e3) or 2-3 (e4..e7)
+        const uint32_t sel = hb ? 0x7632u : 0x5410u;
+        const uint32_t lo = prmt(cur.v[0][wi], cur.v[1][wi], sel);  // keys 2c | 2c+1
+        const uint32_t hi = prmt(cur.v[2][wi], cur.v[3][wi], sel);  // keys 2c+8 | 2c+9
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = wi * 8 + hb * 4 + e;  // n-tile
+          Tr::mma(acc[i], pa, nib2<T>(lo, 4 * e), nib2<T>(hi, 4 * e));
+        }
+      }
+    }
+    if (tn < t_end) cur = nxt;
+  }
+
+  // ---- merge the warps: quad sums, per-warp stats, fragments through shared memory
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  mv0 += __shfl_xor_sync(0xffffffffu, mv0, 1);
+  mv0 += __shfl_xor_sync(0xffffffffu, mv0, 2);
+  mv1 += __shfl_xor_sync(0xffffffffu, mv1, 1);
+  mv1 += __shfl_xor_sync(0xffffffffu, mv1, 2);
+  if (c == 0) {
+    m_s[warp][g] = m0;
+    m_s[warp][g + 8] = m1;
+    lw_s[warp][g] = l0;
+    lw_s[warp][g + 8] = l1;
+    mvw_s[warp][g] = mv0;
+    mvw_s[warp][g + 8] = mv1;
+  }
+  __syncthreads();
+  // CTA row max, each warp's factor 2^(m_w - M), merged l and mv (every thread, its 2 rows)
+  float M0 = -INFINITY, M1 = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    M0 = fmaxf(M0, m_s[w][g]);
+    M1 = fmaxf(M1, m_s[w][g + 8]);
+  }
+  float L0 = 0.f, L1 = 0.f, MV0 = 0.f, MV1 = 0.f, f0 = 0.f, f1 = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float a0 = m_s[w][g] == -INFINITY ? 0.f : exp2f(m_s[w][g] - M0);
+    const float a1 = m_s[w][g + 8] == -INFINITY ? 0.f : exp2f(m_s[w][g + 8] - M1);
+    L0 += lw_s[w][g] * a0;
+    L1 += lw_s[w][g + 8] * a1;
+    MV0 += mvw_s[w][g] * a0;
+    MV1 += mvw_s[w][g + 8] * a1;
+    if (w == warp) {
+      f0 = a0;
+      f1 = a1;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+    frag_s[warp][i][lane] = make_float4(acc[i][0] * f0, acc[i][1] * f0, acc[i][2] * f1, acc[i][3] * f1);
+  if (warp == 0 && c == 0) {
+    mx_s[g] = M0;
+    mx_s[g + 8] = M1;
+    l_s[g] = L0;
+    l_s[g + 8] = L1;
+  }
+  __syncthreads();
+  // warp w sums n-tiles w, w+4, ... over the warps and normalizes: O = (sum + mv) / l
+  const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
+#pragma unroll
+  for (int i = warp; i < NT; i += kWarps) {
+    float4 r = frag_s[0][i][lane];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 x = frag_s[w][i][lane];
+      r.x += x.x;
+      r.y += x.y;
+      r.z += x.z;
+      r.w += x.w;
+    }
+    const int d0 = (2 * c) * (D / 8) + i, d1 = (2 * c + 1) * (D / 8) + i;
+    o_s[g][d0] = (r.x + MV0) * inv0;
+    o_s[g][d1] = (r.y + MV0) * inv0;
+    o_s[g + 8][d0] = (r.z + MV1) * inv1;
+    o_s[g + 8][d1] = (r.w + MV1) * inv1;
+  }
+  __syncthreads();
+
+  // ---- write: final rows (one split) or normalized partials + lse (split-KV)
+  for (int i = threadIdx.x; i < 16 * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    const int row = rt * 16 + r;
+    if (row >= rows) continue;
+    const int tok = q0 + row / G, head = kvh * G + row % G;
+    const float o = o_s[r][d];
+    if (a.num_splits == 1) {
+      static_cast<T*>(a.out)[(int64_t)tok * a.out_stride_t + (int64_t)head * a.out_stride_h + d] =
+          Tr::from_f32(o);
+    } else {
+      const int64_t idx = ((int64_t)blockIdx.x * a.num_tokens + tok) * a.num_q_heads + head;
+      a.ws_out[idx * D + d] = o;
+      if (d == 0) a.ws_lse[idx] = l_s[r] > 0.f ? mx_s[r] + log2f(l_s[r]) : -INFINITY;
+    }
+  }
+}
+
+// Merge split-KV partials: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
+template <typename T, int D>
+__global__ void __launch_bounds__(D) kv4_combine_kernel(AttnArgs a) {
+  const int tok = blockIdx.x, head = blockIdx.y, d = threadIdx.x;
+  if (tok >= a.query_start_loc[a.num_seqs]) return;  // padding tokens
+  const int64_t stride = (int64_t)a.num_tokens * a.num_q_heads;
+  const int64_t idx = (int64_t)tok * a.num_q_heads + head;
+  float mx = -INFINITY;
+  for (int s = 0; s < a.num_splits; ++s) mx = fmaxf(mx, a.ws_lse[s * stride + idx]);
+  float num = 0.f, den = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < a.num_splits; ++s) {
+      const float w = exp2f(a.ws_lse[s * stride + idx] - mx);
+      den += w;
+      num += w * a.ws_out[(s * stride + idx) * D + d];
+    }
+  }
+  static_cast<T*>(a.out)[(int64_t)tok * a.out_stride_t + (int64_t)head * a.out_stride_h + d] =
+      Traits<T>::from_f32(den > 0.f ? num / den : 0.f);
+}
+
+template <typename T, int D>
+void launch(const AttnArgs& a, cudaStream_t stream) {
+  const int G = a.num_q_heads / a.num_kv_heads;
+  const int row_tiles = (a.max_query_len * G + 15) / 16;
+  dim3 grid(a.num_splits, a.num_kv_heads * row_tiles, a.num_seqs);
+  kv4_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
+  QOQ_CUDA_CHECK(cudaGetLastError());
+  if (a.num_splits > 1) {
+    kv4_combine_kernel<T, D><<<dim3(a.num_tokens, a.num_q_heads), D, 0, stream>>>(a);
+    QOQ_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+template <typename T>
+void dispatch(const AttnArgs& a, cudaStream_t stream) {
+  switch (a.head_size) {
+    case 64: launch<T, 64>(a, stream); break;
+    case 128: launch<T, 128>(a, stream); break;
+    default: throw std::runtime_error("kv4 attention: head_size must be 64 or 128");
+  }
+}
+
+}  // namespace
+
+bool head_size_supported(int head_size) { return head_size == 64 || head_size == 128; }
+
+int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int head_size,
+                         int max_query_len, int max_seq_len, int num_tokens, int num_sms) {
+  const int G = num_q_heads / num_kv_heads;
+  const int64_t ctas = (int64_t)num_seqs * num_kv_heads * ((max_query_len * G + 15) / 16);
+  if (ctas <= 0) return 1;
+  int64_t splits = (2LL * num_sms + ctas - 1) / ctas;                 // ~2 CTAs per SM
+  splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
+  splits = std::min<int64_t>(splits, 64);
+  // workspace: splits x [T, Hq, D + 1] fp32; keep it under 256 MiB (prefill has rows enough)
+  const int64_t per_split = (int64_t)num_tokens * num_q_heads * (head_size + 1) * 4;
+  while (splits > 1 && splits * per_split > (256LL << 20)) splits /= 2;
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+int num_sms(int device) {
+  static int cache[64] = {0};  // SM counts per device (benign race: same value)
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int n = 0;
+    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+void attention(const AttnArgs& a, DType dt, void* stream_ptr) {
+  if (a.num_seqs == 0 || a.num_tokens == 0) return;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (dt == DType::F16) {
+    dispatch<half>(a, stream);
+  } else {
+    dispatch<__nv_bfloat16>(a, stream);
+  }
+}
+
+}  // namespace kv4
+}  // namespace qoq

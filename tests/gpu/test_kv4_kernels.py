@@ -1,0 +1,178 @@
+"""KV4 CUDA kernels against the reference (vllm_qoq/reference/kv4.py).
+
+Cache write: bit-exact (codes, scale, zero).  Attention: decode over 1..32k keys,
+GQA 1/4/7/8, head_dim 64/128, block sizes 16/32/128, partially filled pages,
+split-KV on and off, chunked prefill over a KV4 prefix, mixed batches, fp16/bf16,
+and a CUDA-graph replay with new lengths and block tables.
+
+QOQ_KV4_LIB=/path/lib.so loads a separately built kernel library first (a targeted
+build of csrc/attention/ with torch.utils.cpp_extension.load; benchmarks/attention.py
+documents the command); otherwise the kernels come from the vllm_qoq._C extension.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+
+if torch.cuda.is_available() and os.environ.get("QOQ_KV4_LIB"):
+    torch.ops.load_library(os.environ["QOQ_KV4_LIB"])
+
+from vllm_qoq.attention import ops  # noqa: E402
+from vllm_qoq.reference import kv4 as ref  # noqa: E402
+
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    ops.register_ops()
+    assert ops.has_cuda_kernels(), "the KV4 CUDA kernels are not built (vllm_qoq._C / QOQ_KV4_LIB)"
+
+
+def _slots(row, start, n, bs):
+    pos = torch.arange(start, start + n, device=row.device)
+    return row.long()[pos // bs] * bs + pos % bs
+
+
+# ------------------------------------------------------------------ cache write
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,bs,hkv", [(64, 16, 2), (128, 16, 8), (128, 32, 1), (256, 16, 4)])
+def test_cache_write_is_bit_exact(dtype, d, bs, hkv):
+    torch.manual_seed(d + bs)
+    t, hq, nb = 333, 2 * hkv, 40
+    # K/V as slices of a fused qkv output (row stride > Hkv*D), with outliers and
+    # constant rows (the guard), and padding slots
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV) * 3
+    qkv[::7] += torch.randn(t, 1, device=DEV)[::7] * 50
+    qkv[5] = 2.5
+    qkv = qkv.to(dtype)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    perm = torch.randperm(nb * bs, device=DEV)[:t]
+    slots = perm.clone()
+    slots[::11] = -1
+    got = torch.zeros(ref.kv_cache_shape(nb, bs, hkv, d), dtype=torch.uint8, device=DEV)
+    want = got.clone()
+    ops.kv4_cache_write(k, v, got, slots)
+    ref.kv4_cache_write(k, v, want, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ attention
+def _make(specs, hq, hkv, d, bs, dtype, seed=0):
+    """specs: [(ctx, q_len)]; returns q, cache, block table, seq_lens, query_start_loc."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    max_blocks = max(math.ceil(c / bs) for c, _ in specs) + 2
+    nb = len(specs) * max_blocks + 1
+    perm = torch.randperm(nb, device=DEV, generator=g).to(torch.int32)
+    # stale bytes everywhere (NaN scales included): the kernel must mask them
+    cache = torch.randint(0, 256, ref.kv_cache_shape(nb, bs, hkv, d), dtype=torch.uint8,
+                          device=DEV, generator=g)
+    table = torch.zeros(len(specs), max_blocks, dtype=torch.int32, device=DEV)
+    qs, qsl = [], [0]
+    for i, (ctx, ql) in enumerate(specs):
+        table[i] = perm[i * max_blocks : (i + 1) * max_blocks]
+        k = torch.randn(ctx, hkv, d, device=DEV, generator=g) * 2
+        k += torch.randn(1, hkv, d, device=DEV, generator=g) * 3  # per-channel offsets (RoPE'd keys)
+        v = torch.randn(ctx, hkv, d, device=DEV, generator=g)
+        ops.kv4_cache_write(k.to(dtype), v.to(dtype), cache, _slots(table[i], 0, ctx, bs))
+        qs.append(torch.randn(ql, hq, d, device=DEV, generator=g).to(dtype))
+        qsl.append(qsl[-1] + ql)
+    q = torch.cat(qs)
+    seq_lens = torch.tensor([c for c, _ in specs], dtype=torch.int32, device=DEV)
+    return q, cache, table, seq_lens, torch.tensor(qsl, dtype=torch.int32, device=DEV)
+
+
+def _check(specs, hq, hkv, d, bs, dtype, num_splits=0, seed=0):
+    q, cache, table, seq_lens, qsl = _make(specs, hq, hkv, d, bs, dtype, seed)
+    max_q = max(ql for _, ql in specs)
+    max_s = max(c for c, _ in specs)
+    scale = d**-0.5
+    got = torch.full_like(q, float("nan"))
+    ops.kv4_attention(got, q, cache, table, seq_lens, qsl, max_q, max_s, scale, num_splits)
+    want = torch.empty(q.shape, dtype=torch.float32, device=DEV)
+    ref.kv4_attention(want, q, cache, table, seq_lens, qsl, max_q, max_s, scale, 0)
+    torch.cuda.synchronize()
+    err = (got.float() - want).abs()
+    tol = 1.5e-2 if dtype == torch.bfloat16 else 4e-3
+    assert torch.isfinite(got).all()
+    assert float(err.max()) <= tol + tol * float(want.abs().max()), float(err.max())
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs",
+    [(32, 8, 128, 16), (32, 32, 128, 16), (14, 2, 64, 32), (16, 2, 64, 16), (8, 1, 128, 128)],
+)
+def test_decode_batch(dtype, hq, hkv, d, bs):
+    specs = [(1, 1), (15, 1), (16, 1), (17, 1), (100, 1), (1000, 1), (4097, 1)]
+    _check(specs, hq, hkv, d, bs, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+def test_long_decode_split_kv(num_splits):
+    _check([(32768, 1), (20000, 1), (5, 1)], 32, 8, 128, 16, torch.bfloat16, num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (12, 2, 64, 32), (8, 8, 128, 64)])
+def test_chunked_prefill_over_a_kv4_prefix(dtype, hq, hkv, d, bs):
+    # (context incl. the chunk, chunk length): a fresh prompt, chunks behind prefixes of
+    # every alignment, a decode mixed in, and a chunk ending mid-page
+    specs = [(300, 300), (1000, 137), (64, 16), (2049, 1), (777, 512), (33, 2)]
+    _check(specs, hq, hkv, d, bs, dtype)
+
+
+def test_prefill_with_splits_matches_without():
+    specs = [(2000, 40), (50, 50)]
+    a = _check(specs, 16, 2, 128, 16, torch.float16, num_splits=1, seed=5)
+    b = _check(specs, 16, 2, 128, 16, torch.float16, num_splits=4, seed=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+def test_padded_batch_rows_are_left_alone():
+    # cudagraph padding: trailing requests with no query tokens, trailing padding tokens
+    q, cache, table, seq_lens, qsl = _make([(40, 1), (70, 1)], 8, 2, 128, 16, torch.float16)
+    qp = torch.cat([q, torch.randn(3, 8, 128, device=DEV, dtype=q.dtype)])
+    sl = torch.cat([seq_lens, torch.zeros(2, dtype=torch.int32, device=DEV)])
+    qslp = torch.cat([qsl, qsl[-1:].repeat(2)])
+    tab = torch.cat([table, torch.zeros(2, table.shape[1], dtype=torch.int32, device=DEV)])
+    out = torch.full_like(qp, 7.0)
+    ops.kv4_attention(out, qp, cache, tab, sl, qslp, 1, 70, 0.1, 2)
+    want = torch.empty(q.shape, dtype=torch.float32, device=DEV)
+    ref.kv4_attention(want, q, cache, table, seq_lens, qsl, 1, 70, 0.1, 0)
+    torch.cuda.synchronize()
+    assert float((out[:2].float() - want).abs().max()) < 4e-3
+    assert bool((out[2:] == 7.0).all())
+
+
+def test_cuda_graph_replay_with_new_lengths():
+    hq, hkv, d, bs, b = 32, 8, 128, 16, 4
+    q, cache, table, seq_lens, qsl = _make([(3000, 1)] * b, hq, hkv, d, bs, torch.bfloat16)
+    out = torch.empty_like(q)
+    max_seq = 4096  # what build_for_cudagraph_capture passes (max_model_len)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        ops.kv4_attention(out, q, cache, table, seq_lens, qsl, 1, max_seq, d**-0.5, 0)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.kv4_attention(out, q, cache, table, seq_lens, qsl, 1, max_seq, d**-0.5, 0)
+    for lens in ([1, 17, 3000, 2048], [3000, 5, 64, 1]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        table.copy_(table.flip(0))
+        q.normal_()
+        graph.replay()
+        want = torch.empty(q.shape, dtype=torch.float32, device=DEV)
+        ref.kv4_attention(want, q, cache, table, seq_lens, qsl, 1, max_seq, d**-0.5, 0)
+        torch.cuda.synchronize()
+        assert float((out.float() - want).abs().max()) < 2e-2
