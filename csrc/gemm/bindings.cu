@@ -6,6 +6,8 @@
 // and in w4a8_sm80.cuh): qweight uint8 [Np, K/2] (Np = N rounded up to 32; == N when
 // N % 32 == 0), scales/szeros/s1 fp16 [N], s2_scales/s2_zeros uint8 [K/128, Np] with
 // s2_zeros holding the pre-negated (-z*s2) mod 256.
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -49,9 +51,46 @@ at::Tensor& workspace(const at::Device& dev) {
   return ws[idx];
 }
 
-bool use_sm90(int device) {
-  (void)device;
-  return false;
+// VLLM_QOQ_GEMM_PATH=sm80|sm90 forces a kernel family (A/B measurements); read once.
+int forced_path() {
+  static const int p = [] {
+    const char* e = std::getenv("VLLM_QOQ_GEMM_PATH");
+    if (e == nullptr) return 0;
+    if (std::strcmp(e, "sm80") == 0) return 1;
+    if (std::strcmp(e, "sm90") == 0) return 2;
+    return 0;
+  }();
+  return p;
+}
+
+// Whether the wgmma kernels run on `device` (probed once, outside graph capture; during a
+// capture that comes before any eager call the mma.sync path is used: same results).
+bool sm90_ok(int device, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::vector<int> cache;  // -1 unknown, 0 no, 1 yes
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    QOQ_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+    if (st != cudaStreamCaptureStatusNone) return false;
+    cache[device] = w4a8_sm90_available(device) ? 1 : 0;
+  }
+  return cache[device] == 1;
+}
+
+// 1 = mma.sync kernels, 2 = wgmma kernels.  The two give identical results (same exact
+// int32 accumulators, same epilogue), so the choice is only about speed: on Hopper the
+// wgmma kernels for M > 16, the mma.sync decode kernel (memory-bound) below.
+int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
+  if (requested == 0) requested = forced_path();
+  if (requested == 2) {
+    TORCH_CHECK(sm90_ok(device, stream),
+                "qoq GEMM: the sm_90a (wgmma) kernels are not available on this device/build");
+    return 2;
+  }
+  if (requested == 1) return 1;
+  return (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
 }
 
 OutKind out_kind(at::ScalarType t) {
@@ -121,19 +160,18 @@ W4A8Args base_args(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor&
   return a;
 }
 
-at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::Device& dev) {
+at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::Device& dev,
+                    int requested_path = 0) {
   const OutKind ok = out_kind(out_dtype);
   at::Tensor out = at::empty({a.M, a.N}, at::TensorOptions().dtype(out_dtype).device(dev));
   if (a.M == 0 || a.N == 0) return out;
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  if (use_sm90(dev.index())) {
-    // (Hopper path: see w4a8_sm90.cu)
-  }
-  if (g128) {
-    w4a8_gemm_sm80_g128(a, ok, stream);
+  const int path = choose_path(a, requested_path, dev.index(), stream);
+  if (path == 2) {
+    g128 ? w4a8_gemm_sm90_g128(a, ok, stream) : w4a8_gemm_sm90_chn(a, ok, stream);
   } else {
-    w4a8_gemm_sm80_chn(a, ok, stream);
+    g128 ? w4a8_gemm_sm80_g128(a, ok, stream) : w4a8_gemm_sm80_chn(a, ok, stream);
   }
   return out;
 }
@@ -213,16 +251,22 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 }
 
 // Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
+// path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a).
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
-                          const c10::optional<at::Tensor>& s2_zeros, int64_t n) {
+                          const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();
   at::Tensor sx = at::empty({qx.size(0)}, at::TensorOptions().dtype(at::kFloat).device(dev));
   W4A8Args a = base_args(qx, sx, qweight, n, c10::nullopt);
   const bool g128 = s2_scales.has_value() && s2_scales->defined();
   if (g128) g128_args(a, *s2_scales, *s2_zeros, dev);
-  return run_gemm(a, g128, at::kInt, dev);
+  return run_gemm(a, g128, at::kInt, dev, static_cast<int>(path));
+}
+
+bool sm90_available_op() {
+  const int device = c10::cuda::current_device();
+  return sm90_ok(device, c10::cuda::getCurrentCUDAStream(device).stream());
 }
 
 }  // namespace
@@ -235,7 +279,11 @@ TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
 }
 
 TORCH_LIBRARY(qoq_debug, m) {
-  m.def("w4a8_acc(Tensor qx, Tensor qweight, Tensor? s2_scales, Tensor? s2_zeros, int n) -> Tensor");
+  m.def(
+      "w4a8_acc(Tensor qx, Tensor qweight, Tensor? s2_scales, Tensor? s2_zeros, int n, int path=0) "
+      "-> Tensor");
+  m.def("sm90_available() -> bool", &qoq::sm90_available_op);
 }
 
 TORCH_LIBRARY_IMPL(qoq_debug, CUDA, m) { m.impl("w4a8_acc", &qoq::w4a8_acc_debug); }
+

@@ -27,8 +27,9 @@
 // stage holds A (BM x BK int8, 16-byte chunks XOR-swizzled so ldmatrix is conflict-free),
 // B (BN x BK/2 bytes in the 512-byte block order above: a warp's 16-byte loads are one
 // contiguous 512-byte run) and, for g128, the s2/zneg rows of the stage's groups.
-// Across CTAs, split-K (grid.z) adds int32 partials into a zeroed workspace with atomics
-// (exact and order-independent); the last CTA of a tile (per-tile counter) reads the sum,
+// Across CTAs, stream-K (see the kernel) splits tiles along K: partial int32 sums go into a
+// zeroed workspace with atomics (exact and order-independent); the last CTA of a tile
+// (per-tile counter) reads the sum,
 // zeroes the workspace tile and counter again (self-cleaning: no memset per call, CUDA-graph
 // safe) and runs the epilogue.
 #pragma once
@@ -37,9 +38,12 @@
 #include <cuda_fp16.h>
 
 #include "common/device.cuh"
+#include "gemm/epilogue.cuh"
 
 namespace qoq {
 namespace sm80 {
+
+using epi::store2;
 
 template <int BM_, int BN_, int BK_, int WM_, int WN_, int WK_, int STAGES_>
 struct TileCfg {
@@ -74,71 +78,6 @@ __device__ __forceinline__ int swz(int r, int ch) {
     return ch ^ (r & 7);
   } else {
     return ch ^ ((r / (8 / CPR)) & (CPR - 1));
-  }
-}
-
-__device__ __forceinline__ float ld_bias(const void* b, BiasKind kind, int n) {
-  switch (kind) {
-    case BiasKind::F16: return __half2float(static_cast<const __half*>(b)[n]);
-    case BiasKind::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(b)[n]);
-    case BiasKind::F32: return static_cast<const float*>(b)[n];
-    default: return 0.f;
-  }
-}
-
-template <bool G128>
-__device__ __forceinline__ float epilogue1(const W4A8Args& a, int m, int n, int32_t acc,
-                                           float sxm, float qsm) {
-  float y;
-  const float accf = static_cast<float>(acc);
-  if constexpr (G128) {
-    y = __fmul_rn(__fmul_rn(accf, sxm), __half2float(static_cast<const __half*>(a.scales)[n]));
-  } else {
-    const float s = __half2float(static_cast<const __half*>(a.scales)[n]);
-    const float sz = __half2float(static_cast<const __half*>(a.szeros)[n]);
-    y = __fmul_rn(__fsub_rn(__fmul_rn(accf, s), __fmul_rn(qsm, sz)), sxm);
-  }
-  if (a.bias_kind != BiasKind::None) y = __fadd_rn(y, ld_bias(a.bias, a.bias_kind, n));
-  return y;
-}
-
-// Write two adjacent outputs (m, n) and (m, n+1); n+1 may be out of range.
-template <bool G128, OutKind OUT>
-__device__ __forceinline__ void store2(const W4A8Args& a, int m, int n, int32_t v0, int32_t v1) {
-  if (n >= a.N) return;
-  const bool pair = (n + 1 < a.N) && ((a.N & 1) == 0);
-  const int64_t off = static_cast<int64_t>(m) * a.N + n;
-  if constexpr (OUT == OutKind::I32) {
-    int32_t* o = static_cast<int32_t*>(a.out) + off;
-    if (pair) {
-      *reinterpret_cast<int2*>(o) = make_int2(v0, v1);
-    } else {
-      o[0] = v0;
-      if (n + 1 < a.N) o[1] = v1;
-    }
-  } else {
-    const float sxm = a.sx[m];
-    const float qsm = G128 ? 0.f : static_cast<float>(a.qsum[m]);
-    const float y0 = epilogue1<G128>(a, m, n, v0, sxm, qsm);
-    const float y1 = (n + 1 < a.N) ? epilogue1<G128>(a, m, n + 1, v1, sxm, qsm) : 0.f;
-    if constexpr (OUT == OutKind::F16) {
-      __half* o = static_cast<__half*>(a.out) + off;
-      if (pair) {
-        *reinterpret_cast<__half2*>(o) = __halves2half2(__float2half_rn(y0), __float2half_rn(y1));
-      } else {
-        o[0] = __float2half_rn(y0);
-        if (n + 1 < a.N) o[1] = __float2half_rn(y1);
-      }
-    } else {
-      __nv_bfloat16* o = static_cast<__nv_bfloat16*>(a.out) + off;
-      if (pair) {
-        *reinterpret_cast<__nv_bfloat162*>(o) =
-            __halves2bfloat162(__float2bfloat16_rn(y0), __float2bfloat16_rn(y1));
-      } else {
-        o[0] = __float2bfloat16_rn(y0);
-        if (n + 1 < a.N) o[1] = __float2bfloat16_rn(y1);
-      }
-    }
   }
 }
 
@@ -187,19 +126,20 @@ __device__ __forceinline__ void load_stage(uint8_t* st, const W4A8Args& a, int m
   }
 }
 
+// One segment of the stream-K schedule: output tile `tile`, k-tiles [kb, ke).  When the
+// segment is the whole K range it writes the outputs; otherwise it adds its int32 partial
+// into the workspace and the last of the tile's `parts` segments writes them.
 template <class C, bool G128, OutKind OUT>
-__global__ void __launch_bounds__(C::THREADS)
-    w4a8_sm80_kernel(const W4A8Args a, int k_tiles_per_split) {
-  extern __shared__ __align__(128) uint8_t smem[];
+__device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int tile, int kb, int ke,
+                                        int parts) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int wk = warp / (C::WM * C::WN), wmn = warp % (C::WM * C::WN);
   const int wm = wmn / C::WN, wn = wmn % C::WN;
-  const int n0 = blockIdx.x * C::BN, m0 = blockIdx.y * C::BM;
-  const int kt_total = (a.K + C::BK - 1) / C::BK;
-  const int kt0 = blockIdx.z * k_tiles_per_split;
-  const int kt1 = min(kt_total, kt0 + k_tiles_per_split);
-  const int nkt = max(0, kt1 - kt0);
+  const int tn = (a.N + C::BN - 1) / C::BN;
+  const int n0 = (tile % tn) * C::BN, m0 = (tile / tn) * C::BM;
+  const int kt0 = kb;
+  const int nkt = ke - kb;
 
   int32_t acc[C::MT][C::NC][4][4];
 #pragma unroll
@@ -309,9 +249,8 @@ __global__ void __launch_bounds__(C::THREADS)
   }
 
   // ---- inter-CTA split-K: exact int32 atomics, last CTA of the tile finishes.
-  if (gridDim.z > 1) {
-    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    const int ntiles = gridDim.x * gridDim.y;
+  if (parts > 1) {
+    const int ntiles = tn * ((a.M + C::BM - 1) / C::BM);
     int32_t* wt = a.workspace + static_cast<int64_t>(tile) * (C::BM * C::BN);
     int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * (C::BM * C::BN)) + tile;
     if (wk == 0) {
@@ -335,7 +274,7 @@ __global__ void __launch_bounds__(C::THREADS)
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
-    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1);
+    if (tid == 0) is_last = (atomicAdd(counter, 1) == parts - 1);
     __syncthreads();
     if (!is_last) return;
     __threadfence();
@@ -381,33 +320,57 @@ __global__ void __launch_bounds__(C::THREADS)
     }
 }
 
-// Launch one configuration: grid (N tiles, M tiles, K splits).
+// Stream-K over the (tile, k-tile) iteration space: CTA b runs iterations [b*per, (b+1)*per)
+// (tile-major), i.e. the tail of one tile, whole tiles, the head of another.  per == k-tiles
+// gives the classic one-tile-per-CTA grid.  Splitting a tile across CTAs costs int32
+// atomics on its BM x BN outputs, so it is used where tiles are small (M <= 64) or too few.
 template <class C, bool G128, OutKind OUT>
-void launch(const W4A8Args& a, int max_splits, int ctas_per_sm, cudaStream_t stream) {
+__global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a, int per) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int kt = (a.K + C::BK - 1) / C::BK;
+  const int tiles = ((a.N + C::BN - 1) / C::BN) * ((a.M + C::BM - 1) / C::BM);
+  const int64_t total = static_cast<int64_t>(tiles) * kt;
+  int64_t it = static_cast<int64_t>(blockIdx.x) * per;
+  const int64_t end = min(total, it + per);
+  while (it < end) {
+    const int tile = static_cast<int>(it / kt);
+    const int kb = static_cast<int>(it % kt);
+    const int ke = static_cast<int>(min(static_cast<int64_t>(kt), kb + (end - it)));
+    const int first = static_cast<int>((static_cast<int64_t>(tile) * kt) / per);
+    const int last = static_cast<int>((static_cast<int64_t>(tile + 1) * kt - 1) / per);
+    segment<C, G128, OUT>(a, smem, tile, kb, ke, last - first + 1);
+    it += ke - kb;
+    if (it < end) __syncthreads();  // the next segment refills the pipeline buffers
+  }
+}
+
+// Launch one configuration: one CTA per tile, or -- when there are fewer tiles than resident
+// CTA slots and stream_k is allowed -- the iterations balanced over one wave of CTAs.
+template <class C, bool G128, OutKind OUT>
+void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
   auto kern = w4a8_sm80_kernel<C, G128, OUT>;
-  static bool attr_set = false;  // per instantiation; a benign race sets it twice
-  if (!attr_set) {
+  static int per_sm = 0;  // resident CTAs per SM (per instantiation; a benign race)
+  if (per_sm == 0) {
     QOQ_CUDA_CHECK(
         cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
-    attr_set = true;
+    int n = 0;
+    QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, C::THREADS, C::SMEM_BYTES));
+    per_sm = std::max(1, n);
   }
-  const int tn = (a.N + C::BN - 1) / C::BN;
-  const int tm = (a.M + C::BM - 1) / C::BM;
+  const int64_t tiles = static_cast<int64_t>((a.N + C::BN - 1) / C::BN) * ((a.M + C::BM - 1) / C::BM);
   const int kt = (a.K + C::BK - 1) / C::BK;
-  int splits = 1;
-  const int64_t tiles = static_cast<int64_t>(tn) * tm;
-  const int64_t need = tiles * (C::BM * C::BN) + tiles;
-  const int64_t target = static_cast<int64_t>(ctas_per_sm) * a.num_sms;
-  if (max_splits > 1 && tiles < target && a.workspace != nullptr && need <= a.workspace_ints) {
-    // Fill one wave of `ctas_per_sm` CTAs per SM; keep at least 2 k-tiles per split.
-    const int64_t want = (target + tiles - 1) / tiles;
-    splits = static_cast<int>(std::min<int64_t>(want, max_splits));
-    splits = std::max(1, std::min(splits, kt / 2));
+  const int64_t total = tiles * kt;
+  const int64_t slots = static_cast<int64_t>(per_sm) * a.num_sms;
+  const bool ws_ok = a.workspace != nullptr && tiles * (C::BM * C::BN) + tiles <= a.workspace_ints;
+  int64_t per = kt;
+  // (Balancing over several waves was tried for M <= 16 and lost: a CTA that crosses a tile
+  // boundary drains and refills its pipeline, which costs more than the wave tail.)
+  if (ws_ok && stream_k && tiles < slots) {
+    const int64_t grid_want = slots * ((tiles + slots - 1) / slots);
+    per = std::max<int64_t>(std::min<int64_t>(2, kt), (total + grid_want - 1) / grid_want);
   }
-  int per = (kt + splits - 1) / splits;
-  splits = (kt + per - 1) / per;  // no empty split
-  dim3 grid(tn, tm, splits);
-  kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, per);
+  const int64_t grid = (total + per - 1) / per;
+  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, static_cast<int>(per));
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -419,11 +382,11 @@ using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
 template <bool G128, OutKind OUT>
 void dispatch(const W4A8Args& a, cudaStream_t stream) {
   if (a.M <= 16) {
-    launch<CfgSmall, G128, OUT>(a, 16, 2, stream);
+    launch<CfgSmall, G128, OUT>(a, true, stream);
   } else if (a.M <= 64) {
-    launch<CfgMid, G128, OUT>(a, 16, 2, stream);
+    launch<CfgMid, G128, OUT>(a, true, stream);
   } else {
-    launch<CfgLarge, G128, OUT>(a, 4, 1, stream);
+    launch<CfgLarge, G128, OUT>(a, true, stream);
   }
 }
 

@@ -2,8 +2,9 @@
 
 * quantize_per_token: bit-exact (qx, sx, qsum) with reference.quantize_activation.
 * GEMM accumulators: the debug op qoq_debug::w4a8_acc returns the kernels' raw int32
-  accumulators (same kernels, same tile selection as the real ops); they must equal the
-  exact integer product over a sweep of M, N, K for both variants.
+  accumulators (same kernels, same tile selection as the real ops, path 1 = mma.sync
+  kernels, 2 = Hopper wgmma kernels); they must equal the exact integer product over a
+  sweep of M, N, K for both variants and both kernel families.
 * GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
   ops (reference/gemm.py) run on the natural layout.
 * Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
@@ -86,39 +87,53 @@ def test_quantize_per_token_3d_and_ties():
 
 
 # ---------------------------------------------------------------- exact accumulators
-def _acc_case(m, n, k, gs, seed):
+PATHS = [1, 2]  # 1: mma.sync (sm_80+), 2: wgmma (sm_90a)
+
+
+def _need_path(path):
+    if path == 2 and not torch.ops.qoq_debug.sm90_available():
+        pytest.skip("no sm_90a wgmma kernels on this GPU/build")
+
+
+def _acc_case(m, n, k, gs, seed, path=0):
     q = _weights(n, k, gs, seed)
     kt = kl.to_kernel_layout(q, gs)
     qx = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8, generator=_gen(seed + 1))
     if gs == -1:
         w8 = fmt.unpack_int4(q["qweight"]).to(torch.int8)
-        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, n)
+        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, n, path)
     else:
         w8 = fmt.int8_weight_g128(q["qweight"], q["s2_scales"], q["s2_zeros"])
-        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n)
+        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n,
+                                           path)
     return acc, _exact_acc(qx, w8)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n,k", NK_SWEEP)
 @pytest.mark.parametrize("m", M_SWEEP)
-def test_int32_accumulators_exact(m, n, k, gs):
+def test_int32_accumulators_exact(m, n, k, gs, path):
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
-    acc, want = _acc_case(m, n, k, gs, seed=m + n + k)
+    _need_path(path)
+    acc, want = _acc_case(m, n, k, gs, seed=m + n + k, path=path)
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
     assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n", [80, 40])  # N % 32 != 0: padded kernel layout
-def test_int32_accumulators_padded_n(n, gs):
+def test_int32_accumulators_padded_n(n, gs, path):
+    _need_path(path)
     for m in (1, 33, 300):
-        acc, want = _acc_case(m, n, 256, gs, seed=n + m)
+        acc, want = _acc_case(m, n, 256, gs, seed=n + m, path=path)
         assert torch.equal(acc, want)
 
 
-def test_g128_extreme_codes():
+@pytest.mark.parametrize("path", PATHS)
+def test_g128_extreme_codes(path):
     """Largest |q8| products (s2 = 16, u at both ends) stay exact."""
     n, k = 64, 512
     u = torch.randint(0, 2, (n, k), device=DEV, dtype=torch.uint8, generator=_gen(5)) * 15
@@ -131,7 +146,8 @@ def test_g128_extreme_codes():
          "s2_scales": s2, "s2_zeros": z}, 128)
     qx = torch.full((20, k), -127, device=DEV, dtype=torch.int8)
     qx[::2] = 127
-    acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n)
+    _need_path(path)
+    acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n, path)
     w8 = fmt.int8_weight_g128(qw, s2, z)
     assert int(w8.min()) == -128
     assert torch.equal(acc, _exact_acc(qx, w8))
@@ -171,11 +187,19 @@ def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
     assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
 
 
-def test_split_k_workspace_self_cleans_and_graph_replay():
+def test_wgmma_kernels_present_on_hopper():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not an sm_90 GPU")
+    # the default build (TORCH_CUDA_ARCH_LIST 8.0;8.9;9.0a) must run the wgmma kernels here
+    assert torch.ops.qoq_debug.sm90_available()
+
+
+@pytest.mark.parametrize("m", [1, 100])  # split-K in the mma.sync (1) and wgmma (100) kernels
+def test_split_k_workspace_self_cleans_and_graph_replay(m):
     n, k = 4096, 4096
     q = _weights(n, k, 128, 11)
     kt = kl.to_kernel_layout(q, 128)
-    x = _x(1, k, torch.float16, 12)
+    x = _x(m, k, torch.float16, 12)
     qx, sx, _ = ops.quantize_per_token(x)
 
     def run():
