@@ -1,0 +1,210 @@
+"""Accuracy table: GPTQ-style perplexity of SmolLM2-135M under RTN and QoQ, per runtime.
+
+    python benchmarks/accuracy.py [--runtimes vllm reference] [--windows 8] [--seqlen 2048]
+        [--dataset wikitext2] [--configs fp16 rtn-chn qoq-chn ...] [--device cpu|cuda]
+        [--calib-samples 128 --calib-seqlen 1024 --clip-steps 80] [--kv-bits 4 16]
+        [--out benchmarks/results/accuracy.json]
+
+Configs (each converted once and cached under .cache/accuracy/):
+  fp16          the unquantized model
+  rtn-chn       RTN W4A8 per-channel              (converters.quantize --recipe rtn)
+  rtn-g128      RTN W4A8 progressive g128
+  qoq-chn       QoQ W4A8 per-channel              (converters.recipe, the full recipe)
+  qoq-g128      QoQ W4A8 g128
+  qoq-chn-nosa  QoQ per-channel without SmoothAttention
+  qoq-g128-nosa QoQ g128 without SmoothAttention
+Each quantized config is measured with KV16 and, with --kv-bits 4, KV4 (the same
+weights; only config.json's kv_cache_bits differs).  Runtimes:
+  vllm       vLLM with the vllm_qoq plugin (CUDA kernels on a GPU; the plugin's
+             reference ops on vLLM's CPU backend) — the runtime users get;
+  reference  PyTorch fake-quant (dequantized weights + reference per-token INT8
+             activations; KV cache not quantized) — the math the runtime must match.
+A config that cannot be built for the model (SmolLM2's hidden size 576 is not a
+multiple of 128, so g128 cannot quantize q/k/v/o/gate/up) is recorded with value
+null and the reason.  Rows are appended to --out (replacing rows with the same
+model/config/metric/runtime), and a markdown table is written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {
+    "fp16": ("fp16", None),
+    "rtn-chn": ("RTN W4A8 per-channel", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "-1"]),
+    "rtn-g128": ("RTN W4A8 g128", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "128"]),
+    "qoq-chn": ("QoQ W4A8 per-channel", ["-m", "converters.recipe.cli", "--group-size", "-1"]),
+    "qoq-g128": ("QoQ W4A8 g128", ["-m", "converters.recipe.cli", "--group-size", "128"]),
+    "qoq-chn-nosa": ("QoQ W4A8 per-channel, no SmoothAttention",
+                     ["-m", "converters.recipe.cli", "--group-size", "-1", "--no-smooth-attention"]),
+    "qoq-g128-nosa": ("QoQ W4A8 g128, no SmoothAttention",
+                      ["-m", "converters.recipe.cli", "--group-size", "128", "--no-smooth-attention"]),
+}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "vllm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def build(name: str, src: Path, cache: Path, args) -> tuple[Path | None, str | None]:
+    """Converted checkpoint for config `name` (cached), or (None, reason)."""
+    label, cmd = CONFIGS[name]
+    if cmd is None:
+        return src, None
+    out = cache / f"smollm2-{name}"
+    if (out / "config.json").is_file():
+        return out, None
+    extra = []
+    if "converters.recipe.cli" in cmd:
+        extra = ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+                 "--clip-steps", str(args.clip_steps), "--device", args.device]
+    full = [sys.executable, *cmd, "--model", str(src), "--out", str(out), "--overwrite", *extra]
+    print("+", " ".join(full), flush=True)
+    log = cache / f"{name}.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run(full, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text()[-600:]
+        reason = next((ln for ln in tail.splitlines() if ln.startswith("error:")), tail.splitlines()[-1])
+        return None, reason
+    return out, None
+
+
+def with_kv_bits(ckpt: Path, bits: int) -> Path:
+    """A sibling of ckpt whose config.json says kv_cache_bits = bits (weights hard-linked)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if qc is None or qc.get("kv_cache_bits", 16) == bits:
+        return ckpt
+    out = ckpt.with_name(ckpt.name + f"-kv{bits}")
+    if not out.exists():
+        tmp = ckpt.with_name(ckpt.name + f"-kv{bits}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in ckpt.iterdir():
+            if f.name != "config.json":
+                os.link(f, tmp / f.name)
+        qc["kv_cache_bits"] = bits
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        os.rename(tmp, out)
+    return out
+
+
+def measure(ckpt: Path, runtime: str, args) -> dict:
+    res_file = ROOT / ".cache" / "accuracy" / "last_ppl.json"
+    cmd = [sys.executable, "-m", "converters.ppl", "--model", str(ckpt), "--runtime", runtime,
+           "--dataset", args.dataset, "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
+           "--device", args.device, "--out", str(res_file)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    print("+", " ".join(cmd), flush=True)
+    res_file.unlink(missing_ok=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 or not res_file.is_file():
+        raise RuntimeError(f"ppl failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(res_file.read_text())
+
+
+def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
+    lines = ["# Accuracy (GPTQ-style perplexity)", "",
+             "Generated by `benchmarks/accuracy.py`; JSON rows in accuracy.json. Lower is better.", ""]
+    for k in ("date", "device", "versions", "dataset", "note"):
+        if k in meta:
+            lines.append(f"- {k}: {meta[k]}")
+    lines += ["", "| model | config | metric | value | runtime |", "|---|---|---|---|---|"]
+    for r in rows:
+        v = "n/a" if r["value"] is None else f"{r['value']:.3f}"
+        cfg = r["config"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {r['model']} | {cfg} | {r['metric']} | {v} | {r['runtime']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--runtimes", nargs="*", default=["vllm", "reference"], choices=["vllm", "reference"])
+    p.add_argument("--kv-bits", nargs="*", type=int, default=[16], choices=[4, 8, 16])
+    p.add_argument("--dataset", default="wikitext2")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--clip-steps", type=int, default=20)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--runtime-label", default=None,
+                   help="runtime column prefix (default: cpu-reference on CPU, gpu on CUDA)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
+    args = p.parse_args(argv)
+
+    from converters.models import smollm2_hf_dir
+
+    cache = ROOT / ".cache" / "accuracy"
+    cache.mkdir(parents=True, exist_ok=True)
+    src = smollm2_hf_dir()
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {"rows": [], "runs": []}
+    prefix = args.runtime_label or ("cpu-reference" if args.device == "cpu" else "gpu")
+    metric = f"{args.dataset}_ppl@{args.seqlen} (first {args.windows} windows)"
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"{args.device}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "versions": versions(),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "dataset": args.dataset,
+        "calibration": {"samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                        "clip_steps": args.clip_steps,
+                        "text": "shared/data/sotu/sotu_calib_1934_2000.jsonl"},
+    }
+    for name in args.configs:
+        ckpt, reason = build(name, src, cache, args)
+        label = CONFIGS[name][0]
+        for kv in (args.kv_bits if name != "fp16" else [16]):
+            cfg_label = label if name == "fp16" else f"{label}, KV{kv}"
+            for rt in args.runtimes:
+                row = {"model": "SmolLM2-135M", "config": cfg_label, "metric": metric, "value": None,
+                       "runtime": f"{prefix}/{'vllm' if rt == 'vllm' else 'fake-quant'}"}
+                if rt == "reference" and kv != 16:
+                    continue  # the fake-quant reference does not quantize the KV cache
+                if ckpt is None:
+                    row["note"] = reason
+                else:
+                    try:
+                        res = measure(with_kv_bits(ckpt, kv), rt, args)
+                        row["value"] = res["ppl"]
+                        row["tokens"] = res["tokens"]
+                        row["seconds"] = res["seconds"]
+                    except RuntimeError as e:
+                        row["note"] = str(e).strip().splitlines()[-1][:300]
+                print(json.dumps(row), flush=True)
+                key = (row["model"], row["config"], row["metric"], row["runtime"])
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r["metric"], r["runtime"]) != key]
+                doc["rows"].append(row)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(doc, indent=1) + "\n")
+    doc["runs"].append(meta)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_markdown(doc["rows"], {**meta, "note": "see accuracy.json 'runs' for every run's command"},
+                   out.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
