@@ -176,3 +176,14 @@ def test_run_qoq_options_disable_steps():
     assert all(torch.equal(res.quantized["model.layers.0.self_attn.q_proj"][k], v)
                for k, v in quantize_weight(w0, 128).items())
     assert T.head_dims(m) == (8, 2, 32)
+
+
+def test_run_qoq_refuses_g128_for_k_not_multiple_of_128_before_any_work():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=32)
+    m = LlamaForCausalLM(cfg).float().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="multiple of 128"):
+        run_qoq(m, None, torch.randint(0, 64, (2, 16)), 128, QoQOptions(progress=False, device="cpu"))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -178,6 +178,11 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
     layers = T.decoder_layers(model)
     hidden = model.config.hidden_size
     reorder = opts.reorder and group_size == fmt.GROUP_SIZE_G128
+    for li, layer in enumerate(layers):  # fail before any work if a layer cannot take the variant
+        for name, lin in T.layer_linears(layer).items():
+            full = f"model.layers.{li}.{name}"
+            if not fmt.module_matches(full, list(opts.skip)):
+                fmt.check_k(lin.in_features, group_size, full)
 
     if isinstance(calib_texts, torch.Tensor):
         ids = calib_texts.to(torch.int64)
