@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--lib", default=os.environ.get("QOQ_KV4_LIB"))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
+    ap.add_argument("--phases", nargs="*", default=["decode", "prefill"])
     args = ap.parse_args(argv)
     if args.lib:
         torch.ops.load_library(args.lib)
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
     timer = Timer(5 if args.quick else 20)
     rows = []
     for phase, b, c, ql, hq, hkv, d in cases(args.quick):
+        if phase not in args.phases:
+            continue
         case = None
         for name in args.impls:
             if name in skipped:

@@ -7,7 +7,9 @@
 //   cut into tiles of 16 (the M of mma.m16n8k16), so GQA heads share every K/V load.
 //   grid = (num_splits, Hkv * row_tiles, B); a CTA owns one row tile and one split of
 //   the keys; its 4 warps take the 16-key tiles of the split round-robin, each keeping
-//   an online softmax, and merge through shared memory at the end.  With
+//   an online softmax, and merge through shared memory at the end.  Each warp streams
+//   its tiles through a 4-stage cp.async ring in shared memory (3 tiles in flight, no
+//   registers held by loads); block-table entries are read one iteration ahead.  With
 //   num_splits > 1 (long decode contexts, few rows) CTAs write (o, lse) partials that
 //   kv4_combine_kernel merges.  The launch shape depends on host values only
 //   (B, max_query_len, num_splits): CUDA-graph safe; lengths come from device memory.
@@ -54,6 +56,15 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
+// CTAs per SM the register budget aims at (3 x 4 warps; D=64 fits 4)
+#ifndef QOQ_KV4_MIN_BLOCKS_128
+#define QOQ_KV4_MIN_BLOCKS_128 3
+#endif
+#ifndef QOQ_KV4_MIN_BLOCKS_64
+#define QOQ_KV4_MIN_BLOCKS_64 4
+#endif
+template <int D>
+constexpr int min_blocks() { return D == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MIN_BLOCKS_128; }
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- element-type traits ------------------------------------------------------------
@@ -121,23 +132,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return r;
 }
 
-template <int BYTES>
-__device__ __forceinline__ void load_words(uint32_t* dst, const uint8_t* src) {
-  if constexpr (BYTES == 16) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-    dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
-  } else if constexpr (BYTES == 8) {
-    uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
-    dst[0] = v.x; dst[1] = v.y;
-  } else if constexpr (BYTES == 4) {
-    dst[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
-  } else {
-    static_assert(BYTES == 32, "unsupported vector width");
-    load_words<16>(dst, src);
-    load_words<16>(dst + 4, src + 16);
-  }
-}
-
 // Raw bytes of one 16-key tile that this thread needs (see the header comment).
 template <int D>
 struct TileRegs {
@@ -148,40 +142,65 @@ struct TileRegs {
   uint2 ksz[2], vsz[2];              // (scale, zero) of keys (2c, 2c+1), (2c+8, 2c+9)
 };
 
+// ---- cp.async staging.  A warp streams its 16-key tiles through a ring of kStages
+// shared-memory stages (loads in flight without registers); stage layout:
+//   [K codes 16 x D/2][V codes 16 x D/2][K (scale, zero) 16 x 4][V (scale, zero) 16 x 4]
+constexpr int kStages = 4;
 template <int D>
-__device__ __forceinline__ void load_tile(TileRegs<D>& r, const uint8_t* kreg, const uint8_t* vreg,
-                                          int off, int bs, int g, int c) {
-  constexpr int CB = D / 2;  // code bytes per key
-  load_words<D / 8>(r.k[0], kreg + (off + g) * CB + c * (D / 8));
-  load_words<D / 8>(r.k[1], kreg + (off + 8 + g) * CB + c * (D / 8));
-  const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
+constexpr int stage_bytes() { return 32 * (D / 2) + 128; }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Copy one tile (16 keys from offset `off` of the page regions) into a stage.
+template <int D>
+__device__ __forceinline__ void stage_tile(uint8_t* st, const uint8_t* kreg, const uint8_t* vreg,
+                                           int off, int bs, int lane) {
+  constexpr int CB = D / 2;  // code bytes per key; a side's 16 keys are CB 16-byte chunks
 #pragma unroll
-  for (int i = 0; i < 4; ++i) load_words<D / 16>(r.v[i], vreg + (off + keys[i]) * CB + g * (D / 16));
-  const uint8_t* ksz = kreg + bs * CB + 4 * off;
-  const uint8_t* vsz = vreg + bs * CB + 4 * off;
-  r.ksz[0] = __ldg(reinterpret_cast<const uint2*>(ksz + 8 * c));
-  r.ksz[1] = __ldg(reinterpret_cast<const uint2*>(ksz + 32 + 8 * c));
-  r.vsz[0] = __ldg(reinterpret_cast<const uint2*>(vsz + 8 * c));
-  r.vsz[1] = __ldg(reinterpret_cast<const uint2*>(vsz + 32 + 8 * c));
+  for (int i = lane; i < CB; i += 32) {
+    cp_async16(st + 16 * i, kreg + off * CB + 16 * i);
+    cp_async16(st + 16 * CB + 16 * i, vreg + off * CB + 16 * i);
+  }
+  if (lane < 4) {
+    cp_async16(st + 32 * CB + 16 * lane, kreg + bs * CB + 4 * off + 16 * lane);
+  } else if (lane < 8) {
+    cp_async16(st + 32 * CB + 64 + 16 * (lane - 4), vreg + bs * CB + 4 * off + 16 * (lane - 4));
+  }
 }
 
-// DRAM -> L2 prefetch of one 16-key tile (codes of K and V, both (scale, zero) runs).
-template <int D>
-__device__ __forceinline__ void prefetch_tile_l2(const uint8_t* kreg, const uint8_t* vreg, int off,
-                                                 int bs, int lane) {
-  constexpr int CB = D / 2;
-  constexpr int LINES = 16 * CB / 128;  // 128-byte lines of one side's codes
-  const uint8_t* p = nullptr;
-  if (lane < LINES) {
-    p = kreg + off * CB + lane * 128;
-  } else if (lane < 2 * LINES) {
-    p = vreg + off * CB + (lane - LINES) * 128;
-  } else if (lane == 2 * LINES) {
-    p = kreg + bs * CB + 4 * off;
-  } else if (lane == 2 * LINES + 1) {
-    p = vreg + bs * CB + 4 * off;
+template <int BYTES>
+__device__ __forceinline__ void lds_words(uint32_t* dst, const uint8_t* src) {
+  if constexpr (BYTES == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+  } else if constexpr (BYTES == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
+    dst[0] = v.x; dst[1] = v.y;
+  } else {
+    static_assert(BYTES == 4, "unsupported vector width");
+    dst[0] = *reinterpret_cast<const uint32_t*>(src);
   }
-  if (p != nullptr) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+// This thread's fragment bytes of a staged tile (same pattern as load_tile from global).
+template <int D>
+__device__ __forceinline__ void load_stage(TileRegs<D>& r, const uint8_t* st, int g, int c) {
+  constexpr int CB = D / 2;
+  lds_words<D / 8>(r.k[0], st + g * CB + c * (D / 8));
+  lds_words<D / 8>(r.k[1], st + (8 + g) * CB + c * (D / 8));
+  const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) lds_words<D / 16>(r.v[i], st + 16 * CB + keys[i] * CB + g * (D / 16));
+  r.ksz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 8 * c);
+  r.ksz[1] = *reinterpret_cast<const uint2*>(st + 32 * CB + 32 + 8 * c);
+  r.vsz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 64 + 8 * c);
+  r.vsz[1] = *reinterpret_cast<const uint2*>(st + 32 * CB + 96 + 8 * c);
 }
 
 __device__ __forceinline__ float2 scale_min(uint32_t sz) {  // (scale, zero) -> (s, -zero*s)
@@ -190,7 +209,7 @@ __device__ __forceinline__ float2 scale_min(uint32_t sz) {  // (scale, zero) -> 
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) kv4_attention_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kernel(AttnArgs a) {
   using Tr = Traits<T>;
   constexpr int KSTEPS = D / 16;
   constexpr int NT = D / 8;  // output n-tiles
@@ -198,8 +217,12 @@ __global__ void __launch_bounds__(kThreads) kv4_attention_kernel(AttnArgs a) {
 
   // merge buffers: each warp's O fragments (lane-major float4: conflict-free), per-warp
   // row stats, and the merged, normalized rows (padded against bank conflicts)
-  __shared__ float4 frag_s[kWarps][NT][32];
-  __shared__ float o_s[16][D + 1];
+  // the cp.async ring during the key loop; the merge buffers after it (same bytes)
+  constexpr int kRingBytes = kWarps * kStages * stage_bytes<D>();
+  constexpr int kMergeBytes = kWarps * NT * 32 * 16 + 16 * (D + 1) * 4;
+  __shared__ __align__(16) uint8_t smem_raw[kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes];
+  auto frag_s = reinterpret_cast<float4 (*)[NT][32]>(smem_raw);
+  auto o_s = reinterpret_cast<float (*)[D + 1]>(smem_raw + kWarps * NT * 32 * 16);
   __shared__ float m_s[kWarps][16], lw_s[kWarps][16], mvw_s[kWarps][16];
   __shared__ float l_s[16], mx_s[16];
 
@@ -273,53 +296,33 @@ __global__ void __launch_bounds__(kThreads) kv4_attention_kernel(AttnArgs a) {
   for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, mv0 = 0.f, mv1 = 0.f;
 
-  auto tile_ptrs = [&](int t, const uint8_t*& kreg, const uint8_t*& vreg, int& off) {
-    const int tok = t * 16;
-    const int64_t page = btab[tok / bs];
-    off = tok % bs;
-    kreg = a.cache + ((page * 2 + 0) * a.num_kv_heads + kvh) * region;
-    vreg = a.cache + ((page * 2 + 1) * a.num_kv_heads + kvh) * region;
-  };
 
-  // Loads in flight per warp: the next tile in registers, and the two after it as L2
-  // prefetches (no registers), enough bytes in flight to cover DRAM latency.
-  auto prefetch = [&](int tp) {
-    if (tp >= t_end) return;
-    const uint8_t *kreg, *vreg;
-    int off;
-    tile_ptrs(tp, kreg, vreg, off);
-    prefetch_tile_l2<D>(kreg, vreg, off, bs, lane);
-  };
-  TileRegs<D> cur, nxt;
-  int t = t_begin + warp;
-  prefetch(t + kWarps);
-  prefetch(t + 2 * kWarps);
-  if (t < t_end) {
-    const uint8_t *kreg, *vreg;
-    int off;
-    tile_ptrs(t, kreg, vreg, off);
-    load_tile<D>(cur, kreg, vreg, off, bs, g, c);
-  }
-  for (; t < t_end; t += kWarps) {
-    const int tn = t + kWarps;
-    prefetch(t + 3 * kWarps);
-    if (tn < t_end) {  // the next tile into registers while this one computes
-      const uint8_t *kreg, *vreg;
-      int off;
-      tile_ptrs(tn, kreg, vreg, off);
-      load_tile<D>(nxt, kreg, vreg, off, bs, g, c);
-    }
-    // S = Q K^T for keys [0, 8) and [8, 16) of the tile
-    float s[2][4];
+
+  // One 16-key tile: scores, online softmax, P V.
+  auto process = [&](const TileRegs<D>& cur, const int t) {
+    // S = Q K^T for keys [0, 8) and [8, 16) of the tile; even and odd k-steps go to
+    // separate accumulators so four independent mma chains overlap their latency
+    float s[2][4], s2[2][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      s2[n][0] = s2[n][1] = s2[n][2] = s2[n][3] = 0.f;
+    }
 #pragma unroll
-      for (int j = 0; j < KSTEPS; ++j) {
+    for (int j = 0; j < KSTEPS; j += 2) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
         const uint32_t w = cur.k[n][j / 2];
-        const int sh = (j % 2) * 8;
-        Tr::mma(s[n], qa[j], nib2<T>(w, sh), nib2<T>(w, sh + 4));
+        Tr::mma(s[n], qa[j], nib2<T>(w, 0), nib2<T>(w, 4));
+        Tr::mma(s2[n], qa[j + 1], nib2<T>(w, 8), nib2<T>(w, 12));
       }
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      s[n][0] += s2[n][0];
+      s[n][1] += s2[n][1];
+      s[n][2] += s2[n][2];
+      s[n][3] += s2[n][3];
     }
     // logits, masks, online softmax (log2 domain).  Keys of this thread: 2c, 2c+1
     // (n-tile 0) and 8+2c, 9+2c (n-tile 1); rows r0 (s[.][0..1]) and r1 (s[.][2..3]).
@@ -396,8 +399,37 @@ __global__ void __launch_bounds__(kThreads) kv4_attention_kernel(AttnArgs a) {
         }
       }
     }
-    if (tn < t_end) cur = nxt;
+  };
+
+  // The warp's tiles t0, t0 + kWarps, ... stream through its ring, kStages - 1 ahead.
+  uint8_t* ring = smem_raw + warp * kStages * stage_bytes<D>();
+  const int t0 = t_begin + warp;
+  const int n_mine = t0 < t_end ? (t_end - t0 + kWarps - 1) / kWarps : 0;
+  // block-table entry of the warp's i-th tile, read one iteration before it is needed
+  auto page_of = [&](int i) -> int64_t { return i < n_mine ? btab[(t0 + i * kWarps) * 16 / bs] : 0; };
+  auto issue = [&](int i, int64_t page) {
+    if (i < n_mine) {
+      const int off = (t0 + i * kWarps) * 16 % bs;
+      const uint8_t* kreg = a.cache + ((page * 2 + 0) * a.num_kv_heads + kvh) * region;
+      const uint8_t* vreg = a.cache + ((page * 2 + 1) * a.num_kv_heads + kvh) * region;
+      stage_tile<D>(ring + (i % kStages) * stage_bytes<D>(), kreg, vreg, off, bs, lane);
+    }
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i, page_of(i));
+  int64_t page = page_of(kStages - 1);
+  for (int i = 0; i < n_mine; ++i) {
+    issue(i + kStages - 1, page);
+    page = page_of(i + kStages);  // consumed next iteration: its latency hides behind this tile
+    cp_async_wait<kStages - 1>();  // tile i has landed
+    __syncwarp();
+    TileRegs<D> r;
+    load_stage<D>(r, ring + (i % kStages) * stage_bytes<D>(), g, c);
+    process(r, t0 + i * kWarps);
+    __syncwarp();  // every lane is done with this stage before it is refilled
   }
+  cp_async_wait<0>();
 
   // ---- merge the warps: quad sums, per-warp stats, fragments through shared memory
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -539,7 +571,7 @@ int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int he
   const int G = num_q_heads / num_kv_heads;
   const int64_t ctas = (int64_t)num_seqs * num_kv_heads * ((max_query_len * G + 15) / 16);
   if (ctas <= 0) return 1;
-  int64_t splits = (2LL * num_sms + ctas - 1) / ctas;                 // ~2 CTAs per SM
+  int64_t splits = (3LL * num_sms + ctas - 1) / ctas;  // ~one wave of 3 CTAs per SM
   splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
   splits = std::min<int64_t>(splits, 64);
   // workspace: splits x [T, Hq, D + 1] fp32; keep it under 256 MiB (prefill has rows enough)

@@ -42,13 +42,14 @@ def build(out_dir: str, archs: list[str]) -> Path:
                                                    f"-I{sysconfig.get_paths()['include']}",
                                                    f"-I{cuda_home}/include"]
     common = ["-std=c++17", "-O3", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DNDEBUG"]
+    extra = os.environ.get("QOQ_KV4_NVCC_FLAGS", "").split()  # tuning experiments
     procs, objs = [], []
     for src in srcs:
         obj = str(out / (Path(src).name + ".o"))
         objs.append(obj)
         if src.endswith(".cu"):
             cmd = [nvcc, src, "-c", "-o", obj, "--expt-relaxed-constexpr", "-lineinfo",
-                   "-Xcompiler", "-fPIC", *common, *incs]
+                   "-Xcompiler", "-fPIC", *common, *extra, *incs]
             for a in archs:
                 num = a.replace(".", "")
                 cmd += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
