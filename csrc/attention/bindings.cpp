@@ -109,6 +109,7 @@ void kv4_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   a.num_kv_heads = static_cast<int>(hkv);
   a.head_size = static_cast<int>(D);
   a.block_size = static_cast<int>(bs);
+  a.block_size_log2 = (bs & (bs - 1)) == 0 ? __builtin_ctzll(static_cast<unsigned long long>(bs)) : -1;
   a.max_query_len = static_cast<int>(max_query_len);
   a.scale = static_cast<float>(scale);
   a.num_splits = num_splits > 0

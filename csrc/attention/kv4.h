@@ -37,6 +37,7 @@ struct AttnArgs {
   const int32_t* seq_lens;     // [B]
   const int32_t* query_start_loc;  // [B + 1]
   int num_seqs, num_tokens, num_q_heads, num_kv_heads, head_size, block_size;
+  int block_size_log2;         // log2(block_size), or -1 when it is not a power of two
   int max_query_len;           // host bound: launch shape (row tiles)
   float scale;                 // softmax scale
   int num_splits;              // split-KV factor (>= 1), see attention_num_splits

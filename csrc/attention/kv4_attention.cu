@@ -208,7 +208,9 @@ __device__ __forceinline__ float2 scale_min(uint32_t sz) {  // (scale, zero) -> 
   return make_float2(f.x, -f.y * f.x);
 }
 
-template <typename T, int D>
+// R2: the row tile may use rows g+8 (more than 8 rows: G > 8 or several query tokens);
+// decode with G <= 8 skips their softmax work (their Q and P fragments stay zero).
+template <typename T, int D, bool R2>
 __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kernel(AttnArgs a) {
   using Tr = Traits<T>;
   constexpr int KSTEPS = D / 16;
@@ -336,8 +338,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
       const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
       x[n][0] = key0 < end0 ? (ka.x * s[n][0] + ka.y * qsum0) * qk_scale : -INFINITY;
       x[n][1] = key1 < end0 ? (kb.x * s[n][1] + kb.y * qsum0) * qk_scale : -INFINITY;
-      x[n][2] = key0 < end1 ? (ka.x * s[n][2] + ka.y * qsum1) * qk_scale : -INFINITY;
-      x[n][3] = key1 < end1 ? (kb.x * s[n][3] + kb.y * qsum1) * qk_scale : -INFINITY;
+      if constexpr (R2) {
+        x[n][2] = key0 < end1 ? (ka.x * s[n][2] + ka.y * qsum1) * qk_scale : -INFINITY;
+        x[n][3] = key1 < end1 ? (kb.x * s[n][3] + kb.y * qsum1) * qk_scale : -INFINITY;
+      }
       const bool in0 = key0 < kv_hi, in1 = key1 < kv_hi;  // stale page bytes beyond: zero
       vs[n][0] = in0 ? va.x : 0.f;
       vm[n][0] = in0 ? va.y : 0.f;
@@ -345,45 +349,58 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
       vm[n][1] = in1 ? vb.y : 0.f;
     }
     float tm0 = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
-    float tm1 = fmaxf(fmaxf(x[0][2], x[0][3]), fmaxf(x[1][2], x[1][3]));
     tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 1));
     tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 2));
-    tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 1));
-    tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 2));
-    const float mn0 = fmaxf(m0, tm0), mn1 = fmaxf(m1, tm1);
-    const float base0 = mn0 == -INFINITY ? 0.f : mn0, base1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float al0 = exp2f(m0 - base0), al1 = exp2f(m1 - base1);  // m = -inf -> 0
+    const float mn0 = fmaxf(m0, tm0);
+    const float base0 = mn0 == -INFINITY ? 0.f : mn0;
+    const float al0 = exp2f(m0 - base0);  // m = -inf -> 0
     m0 = mn0;
-    m1 = mn1;
     float p[2][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       p[n][0] = exp2f(x[n][0] - base0);
       p[n][1] = exp2f(x[n][1] - base0);
-      p[n][2] = exp2f(x[n][2] - base1);
-      p[n][3] = exp2f(x[n][3] - base1);
     }
     l0 = l0 * al0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
-    l1 = l1 * al1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
     mv0 = mv0 * al0 + (p[0][0] * vm[0][0] + p[0][1] * vm[0][1] + p[1][0] * vm[1][0] +
                        p[1][1] * vm[1][1]);
-    mv1 = mv1 * al1 + (p[0][2] * vm[0][0] + p[0][3] * vm[0][1] + p[1][2] * vm[1][0] +
-                       p[1][3] * vm[1][1]);
+    float al1 = 1.f;
+    if constexpr (R2) {
+      float tm1 = fmaxf(fmaxf(x[0][2], x[0][3]), fmaxf(x[1][2], x[1][3]));
+      tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 1));
+      tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 2));
+      const float mn1 = fmaxf(m1, tm1);
+      const float base1 = mn1 == -INFINITY ? 0.f : mn1;
+      al1 = exp2f(m1 - base1);
+      m1 = mn1;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        p[n][2] = exp2f(x[n][2] - base1);
+        p[n][3] = exp2f(x[n][3] - base1);
+      }
+      l1 = l1 * al1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+      mv1 = mv1 * al1 + (p[0][2] * vm[0][0] + p[0][3] * vm[0][1] + p[1][2] * vm[1][0] +
+                         p[1][3] * vm[1][1]);
+    }
     if (al0 != 1.f || al1 != 1.f) {  // the running max moved (rare after the first tiles)
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
         acc[i][0] *= al0;
         acc[i][1] *= al0;
-        acc[i][2] *= al1;
-        acc[i][3] *= al1;
+        if constexpr (R2) {
+          acc[i][2] *= al1;
+          acc[i][3] *= al1;
+        }
       }
     }
     // P' = p * s_v as the A fragment (keys 2c,2c+1 | 2c+8,2c+9)
-    uint32_t pa[4];
+    uint32_t pa[4] = {0u, 0u, 0u, 0u};
     pa[0] = Tr::pack(p[0][0] * vs[0][0], p[0][1] * vs[0][1]);
-    pa[1] = Tr::pack(p[0][2] * vs[0][0], p[0][3] * vs[0][1]);
     pa[2] = Tr::pack(p[1][0] * vs[1][0], p[1][1] * vs[1][1]);
-    pa[3] = Tr::pack(p[1][2] * vs[1][0], p[1][3] * vs[1][1]);
+    if constexpr (R2) {
+      pa[1] = Tr::pack(p[0][2] * vs[0][0], p[0][3] * vs[0][1]);
+      pa[3] = Tr::pack(p[1][2] * vs[1][0], p[1][3] * vs[1][1]);
+    }
     // O += P' C_v: V codes of key pairs interleaved per byte by PRMT
 #pragma unroll
     for (int wi = 0; wi < TileRegs<D>::VW; ++wi) {
@@ -406,10 +423,16 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
   const int t0 = t_begin + warp;
   const int n_mine = t0 < t_end ? (t_end - t0 + kWarps - 1) / kWarps : 0;
   // block-table entry of the warp's i-th tile, read one iteration before it is needed
-  auto page_of = [&](int i) -> int64_t { return i < n_mine ? btab[(t0 + i * kWarps) * 16 / bs] : 0; };
+  // (block sizes are powers of two in practice: shifts instead of divisions)
+  const int bs_log2 = a.block_size_log2;
+  auto page_of = [&](int i) -> int64_t {
+    const int tok = (t0 + i * kWarps) * 16;
+    return i < n_mine ? btab[bs_log2 >= 0 ? tok >> bs_log2 : tok / bs] : 0;
+  };
   auto issue = [&](int i, int64_t page) {
     if (i < n_mine) {
-      const int off = (t0 + i * kWarps) * 16 % bs;
+      const int tok = (t0 + i * kWarps) * 16;
+      const int off = bs_log2 >= 0 ? tok & (bs - 1) : tok % bs;
       const uint8_t* kreg = a.cache + ((page * 2 + 0) * a.num_kv_heads + kvh) * region;
       const uint8_t* vreg = a.cache + ((page * 2 + 1) * a.num_kv_heads + kvh) * region;
       stage_tile<D>(ring + (i % kStages) * stage_bytes<D>(), kreg, vreg, off, bs, lane);
@@ -545,7 +568,11 @@ void launch(const AttnArgs& a, cudaStream_t stream) {
   const int G = a.num_q_heads / a.num_kv_heads;
   const int row_tiles = (a.max_query_len * G + 15) / 16;
   dim3 grid(a.num_splits, a.num_kv_heads * row_tiles, a.num_seqs);
-  kv4_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
+  if (a.max_query_len * G > 8) {
+    kv4_attention_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    kv4_attention_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(a);
+  }
   QOQ_CUDA_CHECK(cudaGetLastError());
   if (a.num_splits > 1) {
     kv4_combine_kernel<T, D><<<dim3(a.num_tokens, a.num_q_heads), D, 0, stream>>>(a);
