@@ -50,8 +50,7 @@ def test_backend_declares_what_it_supports():
     assert not b.supports_kv_cache_dtype("auto")
     assert b.supports_block_size(16) and b.supports_block_size(128) and not b.supports_block_size(8)
     assert b.forward_includes_kv_cache_update is False
-    with pytest.raises(ValueError, match="int4_per_token_head"):
-        b.get_kv_cache_shape(1, 16, 1, 64, "auto")
+    assert b.get_kv_cache_block_dim(16, 2, 64, compat.KV4_CACHE_DTYPE) == 0
 
 
 def _config(bits=4, name="qoq", dtype="auto", backend=None):

@@ -176,3 +176,48 @@ def test_cuda_graph_replay_with_new_lengths():
         ref.kv4_attention(want, q, cache, table, seq_lens, qsl, 1, max_seq, d**-0.5, 0)
         torch.cuda.synchronize()
         assert float((out.float() - want).abs().max()) < 2e-2
+
+
+# ------------------------------------------------------------------ vLLM on the GPU
+def test_vllm_gpu_kv4_with_cuda_graphs(tmp_path):
+    """vLLM (GPU, CUDA graphs on): requested KV4 and auto-selected KV4 vs the default cache.
+
+    The same checks and tolerances as tests/test_kv4_vllm_e2e.py (CPU); skipped
+    without vLLM.  Needs vllm_qoq._C with the kernels (pip install -e .).
+    """
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from converters.tiny import DEFAULT_TEXT, tiny_llama_dir
+    from tests.kv4_job import run_job
+
+    if os.environ.get("QOQ_KV4_LIB"):
+        pytest.skip("vLLM workers load vllm_qoq._C, not QOQ_KV4_LIB: build the extension")
+    import json
+
+    page = json.loads(Path(DEFAULT_TEXT).open().readline())["page"]
+    prompts = [page[:600], page[:420] + " And now something else entirely about the economy"]
+    tiny = tiny_llama_dir()
+    qoq = tmp_path / "tiny-qoq-kv4"
+    subprocess.run([sys.executable, "-m", "converters.quantize", "--model", str(tiny), "--out", str(qoq),
+                    "--group-size", "128", "--kv-bits", "4"], check=True, capture_output=True,
+                   cwd=str(Path(__file__).resolve().parents[2]))
+    common = {"block_size": 16, "max_num_batched_tokens": 48, "enable_prefix_caching": True,
+              "enforce_eager": False}
+    runs = {}
+    for name, model, kw in (("A", tiny, {}),
+                            ("B", tiny, {"kv_cache_dtype": "int4_per_token_head", "attention_backend": "CUSTOM"}),
+                            ("C", qoq, {}),
+                            ("D", qoq, {"kv_cache_dtype": "float16"})):
+        spec = {"model": str(model), "llm": {**common, **kw}, "prompts": prompts, "max_tokens": 6}
+        runs[name] = run_job(spec, tmp_path / name, timeout=600)
+    for name in ("B", "C"):
+        assert {(i, d) for _, i, d in runs[name]["layers"]} == {("QoQKV4AttentionImpl", "int4_per_token_head")}
+    for kv4, base in (("B", "A"), ("C", "D")):
+        d = torch.cat([(torch.tensor(x["prompt_logprobs"][1:]) - torch.tensor(y["prompt_logprobs"][1:])).abs()
+                       for x, y in zip(runs[kv4]["results"], runs[base]["results"])])
+        assert float(d.mean()) <= 0.4 and float(d.max()) <= 3.0, (kv4, float(d.mean()), float(d.max()))
+        for x, y in zip(runs[kv4]["results"], runs[base]["results"]):
+            assert x["token_ids"][:2] == y["token_ids"][:2]

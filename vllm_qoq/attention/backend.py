@@ -71,11 +71,9 @@ class QoQKV4AttentionBackend(compat.AttentionBackend):
         head_size: int,
         cache_dtype_str: str = compat.KV4_CACHE_DTYPE,
     ) -> tuple[int, ...]:
-        if cache_dtype_str != compat.KV4_CACHE_DTYPE:
-            raise ValueError(
-                f"the qoq KV4 backend stores only {compat.KV4_CACHE_DTYPE} caches, "
-                f"got kv_cache_dtype={cache_dtype_str!r}"
-            )
+        # Always the KV4 layout: vLLM also calls this to probe where the block dim is.
+        # A layer that is not int4_per_token_head never reaches the impl (its
+        # __init__ refuses other cache dtypes).
         return ref.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
