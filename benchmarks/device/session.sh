@@ -15,7 +15,7 @@ g=$(ls /tmp/models/*.gguf 2>/dev/null | head -1 || true)
 [ -n "$g" ] && export VLLM_QOQ_SMOLLM2_GGUF="$g"
 case "${1:-}" in
   install)
-    bash .devcarry/p*/device-install.sh "$2" ;;
+    s=$(ls .devcarry/p*/device-install.sh | head -1); bash "$s" "$2" ;;
   build)
     t=$(date +%s)
     TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" MAX_JOBS=16 python3 setup.py -q build_ext --inplace 2>&1 | grep -E -v "^(copying|running)" | tail -20
