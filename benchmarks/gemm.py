@@ -21,9 +21,13 @@ weights from HBM.  Reported: us, TOPS (2*M*N*K), % of the dense peak of the meth
 tensor-core type (H100 SXM: INT8/FP8 1979, BF16 989) and % of HBM bandwidth (3.35 TB/s)
 for the bytes the call must move (weights + activations + output, read/written once).
 
+Also times the activation quantizer (qoq::quantize_per_token, bf16 in -> int8 + scale +
+row sum) for each (M, K) of the sweep: "quant_rows": [{"M","K","us"}] in the JSON, % of
+HBM bandwidth in the summary (bytes = 2*M*K read + M*K + 8*M written).
+
 Writes <out>/gemm-<device>.json ({"device","date","torch","vllm","command","rows":[{"M",
-"N","K","impl","us"}], "skipped": [...]}), gemm-<device>.md (summary) and
-gemm-<device>.png (matplotlib, if installed).
+"N","K","impl","us"}], "quant_rows": [...], "skipped": [...]}), gemm-<device>.md (summary)
+and gemm-<device>.png (matplotlib, if installed).
 """
 
 from __future__ import annotations
@@ -211,12 +215,29 @@ BUILDERS = {
 }
 
 
+def quant_bytes(m, k):
+    return 3 * m * k + 8 * m
+
+
+def build_quant(m, k, gen):
+    from vllm_qoq import ops
+
+    ops.register_ops()
+    if not ops.has_cuda_kernels():
+        raise Skip(f"vllm_qoq._C not built: {ops.extension_error()}")
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return lambda: ops.quantize_per_token(x)
+
+
 # ------------------------------------------------------------------ timing
 def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
-    per_call = min_bytes(impl, m, n, k)
+    if impl == "act_quant":
+        per_call, build = quant_bytes(m, k), lambda: build_quant(m, k, gen)
+    else:
+        per_call, build = min_bytes(impl, m, n, k), lambda: BUILDERS[impl](m, n, k, gen)
     copies = max(1, min(math.ceil(3 * l2_bytes / per_call), int(max_copy_bytes // per_call)))
     copies = min(copies, 64)
-    fns = [BUILDERS[impl](m, n, k, gen) for _ in range(copies)]
+    fns = [build() for _ in range(copies)]
     # enough calls per replay that launch/graph overhead is amortised (>= ~2 ms of work)
     est_us = max(2.0, per_call / (HBM_TBPS * 1e6), 2 * m * n * k / (PEAK_TOPS["bf16"] * 1e6))
     loops = max(1, min(200, math.ceil(2000 / (est_us * copies))))
@@ -300,6 +321,16 @@ def summary_md(res, skipped):
                 cells += ["—"] * 6
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    q = res.get("quant_rows", [])
+    if q:
+        out.append("## Activation quantization (bf16 -> int8 per token + scale + row sum)")
+        out.append("")
+        out.append("| M | K | µs | %HBM |")
+        out.append("|---|---|---|---|")
+        for r in q:
+            pct = 100 * quant_bytes(r["M"], r["K"]) / r["us"] / (HBM_TBPS * 1e6)
+            out.append(f"| {r['M']} | {r['K']} | {r['us']:.1f} | {pct:.0f}% |")
+        out.append("")
     if skipped:
         out.append("## Skipped")
         out.append("")
@@ -349,7 +380,8 @@ def main(argv=None):
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
     ap.add_argument("--m", default=None, help="comma-separated M values")
     ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--tag", default="", help="suffix for the output file names (--tag=-x)")
+    ap.add_argument("--no-quant", action="store_true", help="skip the activation-quant timings")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gemm.py needs a CUDA GPU")
@@ -371,7 +403,7 @@ def main(argv=None):
     res = {"device": props.name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "vllm": vllm_version(),
            "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
-           "rows": [], "skipped": []}
+           "rows": [], "quant_rows": [], "skipped": []}
     skipped_impls = {}
     try:
         from tqdm import tqdm
@@ -396,6 +428,17 @@ def main(argv=None):
             traceback.print_exc(limit=2)
         finally:
             torch.cuda.empty_cache()
+    if not args.no_quant and ("qoq_chn" in impls or "qoq_g128" in impls):
+        for k in sorted({k for _, k in shapes}):
+            for m in ms:
+                try:
+                    us = time_us("act_quant", m, 0, k, l2, max_copy, gen)
+                    res["quant_rows"].append({"M": m, "K": k, "us": round(us, 3)})
+                except Exception as e:  # noqa: BLE001
+                    res["skipped"].append({"impl": "act_quant", "reason": f"{type(e).__name__}: {e}"})
+                    break
+                finally:
+                    torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"gemm-{device_slug(props.name)}{args.tag}")
     with open(stem + ".json", "w") as f:

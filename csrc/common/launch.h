@@ -54,9 +54,10 @@ int64_t w4a8_workspace_ints(int N);
 // mma.sync path (sm_80+), csrc/gemm/w4a8_sm80_{chn,g128}.cu
 void w4a8_gemm_sm80_chn(const W4A8Args& a, OutKind out, cudaStream_t stream);
 void w4a8_gemm_sm80_g128(const W4A8Args& a, OutKind out, cudaStream_t stream);
-// wgmma path (sm_90a only), csrc/gemm/w4a8_sm90_{chn,g128}.cu
-void w4a8_gemm_sm90_chn(const W4A8Args& a, OutKind out, cudaStream_t stream);
-void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, cudaStream_t stream);
+// wgmma path (sm_90a only), csrc/gemm/w4a8_sm90_{chn,g128}.cu; cluster: CTA pairs share
+// the activation tile through TMA multicast.
+void w4a8_gemm_sm90_chn(const W4A8Args& a, OutKind out, bool cluster, cudaStream_t stream);
+void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, bool cluster, cudaStream_t stream);
 // True when `device` is sm_90 and this build runs the sm_90a kernels on it (one device
 // round trip; call outside CUDA-graph capture and cache the answer).
 bool w4a8_sm90_available(int device);

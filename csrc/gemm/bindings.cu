@@ -51,13 +51,21 @@ at::Tensor& workspace(const at::Device& dev) {
   return ws[idx];
 }
 
-// VLLM_QOQ_GEMM_PATH=sm80|sm90 forces a kernel family (A/B measurements); read once.
+// Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;
+// 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast.
+// The multicast variant (4) is opt-in until it has passed tests/gpu and been measured on a
+// GPU (it was written after the last device run of this work); flip this once it has.
+constexpr bool kClusterByDefault = false;
+
+// VLLM_QOQ_GEMM_PATH=sm80|sm90|sm90-nocluster|sm90-cluster forces a path (A/B runs); read once.
 int forced_path() {
   static const int p = [] {
     const char* e = std::getenv("VLLM_QOQ_GEMM_PATH");
     if (e == nullptr) return 0;
     if (std::strcmp(e, "sm80") == 0) return 1;
     if (std::strcmp(e, "sm90") == 0) return 2;
+    if (std::strcmp(e, "sm90-nocluster") == 0) return 3;
+    if (std::strcmp(e, "sm90-cluster") == 0) return 4;
     return 0;
   }();
   return p;
@@ -79,18 +87,18 @@ bool sm90_ok(int device, cudaStream_t stream) {
   return cache[device] == 1;
 }
 
-// 1 = mma.sync kernels, 2 = wgmma kernels.  The two give identical results (same exact
-// int32 accumulators, same epilogue), so the choice is only about speed: on Hopper the
-// wgmma kernels for M > 16, the mma.sync decode kernel (memory-bound) below.
+// All paths give identical results (same exact int32 accumulators, same epilogue), so the
+// choice is only about speed: on Hopper the wgmma kernels for M > 16, the mma.sync decode
+// kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
 int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
   if (requested == 0) requested = forced_path();
-  if (requested == 2) {
-    TORCH_CHECK(sm90_ok(device, stream),
-                "qoq GEMM: the sm_90a (wgmma) kernels are not available on this device/build");
-    return 2;
-  }
+  if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
   if (requested == 1) return 1;
-  return (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
+  TORCH_CHECK(requested >= 2 && requested <= 4, "qoq GEMM: unknown kernel path ", requested);
+  TORCH_CHECK(sm90_ok(device, stream),
+              "qoq GEMM: the sm_90a (wgmma) kernels are not available on this device/build");
+  if (requested == 2) return kClusterByDefault ? 4 : 3;
+  return requested;
 }
 
 OutKind out_kind(at::ScalarType t) {
@@ -168,8 +176,9 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const int path = choose_path(a, requested_path, dev.index(), stream);
-  if (path == 2) {
-    g128 ? w4a8_gemm_sm90_g128(a, ok, stream) : w4a8_gemm_sm90_chn(a, ok, stream);
+  if (path >= 3) {
+    const bool cluster = path == 4;
+    g128 ? w4a8_gemm_sm90_g128(a, ok, cluster, stream) : w4a8_gemm_sm90_chn(a, ok, cluster, stream);
   } else {
     g128 ? w4a8_gemm_sm80_g128(a, ok, stream) : w4a8_gemm_sm80_chn(a, ok, stream);
   }
@@ -251,7 +260,8 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 }
 
 // Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
-// path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a).
+// path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a) as
+// configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast.
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {

@@ -34,6 +34,15 @@
 // the tensor-core work of stage i, and loads run STAGES deep.
 // Split-K across CTAs (grid.z) as in the mma.sync path: exact int32 atomics into the
 // self-cleaning workspace, the last CTA of a tile runs the epilogue.
+// Epilogue: through shared memory, so that every warp stores whole 16-byte row segments.
+//
+// ---- Measured (H100, benchmarks/results/gemm-h100-v2-wgmma.md) ----
+// ~800 TOPS at M = 4096 (41% of the INT8 peak, 0.6x cuBLAS FP8).  Every tile shape reaches
+// the same ~4.6 TB/s of L2->SM traffic (X is re-read by every N tile), so the kernel is bound
+// by that traffic, not by the tensor cores or the dequantization (per-channel and g128 run
+// within 10% of each other).  The CLUSTER variant below halves the X traffic (CTA pairs,
+// TMA multicast); it was written after the last device run: opt-in (bindings.cu,
+// kClusterByDefault; VLLM_QOQ_GEMM_PATH=sm90-cluster), covered by tests/gpu (path 4).
 #pragma once
 
 #include <algorithm>
@@ -71,6 +80,33 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nQOQ_WAITC:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra QOQ_WAITC;\n}\n" ::"r"(dev::smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Arrive on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(dev::smem_addr(bar)),
+      "r"(rank)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_mbar_init_cluster() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -85,6 +121,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
           dev::smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(dev::smem_addr(bar))
+      : "memory");
+}
+// The same box into the same offset of every CTA in `mask`, each CTA's mbarrier signalled.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1,
+                                                      uint64_t* bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dev::smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(dev::smem_addr(bar)), "h"(mask)
       : "memory");
 }
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
@@ -145,7 +190,7 @@ struct Cfg {
   static_assert(STAGES >= 3, "pipeline depth");
 };
 
-template <class C, bool G128, OutKind OUT>
+template <class C, bool G128, OutKind OUT, bool CLUSTER>
 __global__ void __launch_bounds__(288, 1)
     w4a8_sm90_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int k_tiles_per_split) {
 #if QOQ_HAS_WGMMA
@@ -161,15 +206,25 @@ __global__ void __launch_bounds__(288, 1)
   const int kt_total = (a.K + C::BK - 1) / C::BK;
   const int kt0 = blockIdx.z * k_tiles_per_split;
   const int nk = max(0, min(kt_total, kt0 + k_tiles_per_split) - kt0);
+  // CLUSTER: CTA pairs (consecutive N tiles, same M tile and K range) share the X tile: each
+  // producer loads half of its rows and multicasts them into both CTAs, halving the L2->SM
+  // traffic of X.  A stage may then be refilled only when the consumers of BOTH CTAs have
+  // released it: every consumer warp arrives on the `empty` barrier of both CTAs.
+  const uint32_t crank = CLUSTER ? cluster_rank() : 0;
 
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 256);
+      mbar_init(&empty[s], CLUSTER ? 16 : 256);
     }
+    if constexpr (CLUSTER) fence_mbar_init_cluster();
   }
-  __syncthreads();
+  if constexpr (CLUSTER) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 2) {
     // ------------------------------------------------------------------ producer
@@ -177,7 +232,13 @@ __global__ void __launch_bounds__(288, 1)
       const int kblocks = a.K / 32;
       for (int it = 0; it < nk; ++it) {
         const int s = it % STAGES;
-        if (it >= STAGES) mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        if (it >= STAGES) {
+          if constexpr (CLUSTER) {
+            mbar_wait_cluster(&empty[s], ((it / STAGES) - 1) & 1);
+          } else {
+            mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+          }
+        }
         uint8_t* st = smem + s * C::STAGE_BYTES;
         uint8_t* sw = st + C::X_BYTES;
         const int kt = kt0 + it, kc0 = kt * (C::BK / 32);
@@ -185,9 +246,14 @@ __global__ void __launch_bounds__(288, 1)
         int nvalid = 0;                                      // n32 blocks inside Np
 #pragma unroll
         for (int nc = 0; nc < C::BN / 32; ++nc) nvalid += (n0 + nc * 32 < a.Np) ? 1 : 0;
-        const int sbytes = G128 ? 2 * min(C::BN, a.Np - n0) : 0;
+        const int sbytes = (G128 && n0 < a.Np) ? 2 * min(C::BN, a.Np - n0) : 0;
         mbar_expect_tx(&full[s], C::X_BYTES + nvalid * kvalid * 512 + sbytes);
-        tma_load_2d(st, &xmap, kt * C::BK, m0, &full[s]);
+        if constexpr (CLUSTER) {
+          tma_load_2d_multicast(st + crank * (C::X_BYTES / 2), &xmap, kt * C::BK,
+                                m0 + static_cast<int>(crank) * (BMT / 2), &full[s], uint16_t(3));
+        } else {
+          tma_load_2d(st, &xmap, kt * C::BK, m0, &full[s]);
+        }
 #pragma unroll
         for (int nc = 0; nc < C::BN / 32; ++nc) {
           if (nc < nvalid) {
@@ -195,12 +261,16 @@ __global__ void __launch_bounds__(288, 1)
             bulk_load(sw + nc * (C::BK / 32) * 512, src, kvalid * 512, &full[s]);
           }
         }
-        if constexpr (G128) {
+        if (G128 && sbytes > 0) {
           const int64_t off = static_cast<int64_t>(kt) * a.Np + n0;
           bulk_load(sw + C::W_BYTES, a.s2 + off, sbytes / 2, &full[s]);
           bulk_load(sw + C::W_BYTES + C::BN, a.zneg + off, sbytes / 2, &full[s]);
         }
       }
+    }
+    if constexpr (CLUSTER) {
+      __syncwarp();
+      cluster_sync();  // pairs with the consumers' one after their main loop
     }
     return;
   }
@@ -252,7 +322,16 @@ __global__ void __launch_bounds__(288, 1)
     wgmma_wait<1>();
     fence_regs(acc);
     fence_frag(fprev);  // the previous stage's fragments were live until its wgmmas finished
-    if (it > 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+    if (it > 0) {
+      if constexpr (CLUSTER) {
+        if (lane == 0) {
+          mbar_arrive_cluster(&empty[(it - 1) % STAGES], 0);
+          mbar_arrive_cluster(&empty[(it - 1) % STAGES], 1);
+        }
+      } else {
+        mbar_arrive(&empty[(it - 1) % STAGES]);
+      }
+    }
   };
 
   int it = 0;
@@ -263,6 +342,9 @@ __global__ void __launch_bounds__(288, 1)
   if (it < nk) step(it, fa, fb);
   wgmma_wait<0>();
   fence_regs(acc);
+  // After this no CTA of the pair touches the other's shared memory or barriers: every
+  // multicast into this CTA was for a stage it consumed, every remote arrive was issued.
+  if constexpr (CLUSTER) cluster_sync();
 
   // ---- split-K across CTAs
   const int nrow = cw * 64 + warp * 16 + g;  // channel (within the tile) of acc[.. 2h=0 ..]
@@ -399,15 +481,16 @@ inline CUtensorMap make_x_map(const W4A8Args& a, int bmt) {
   return map;
 }
 
-template <class C, bool G128, OutKind OUT>
+template <class C, bool G128, OutKind OUT, bool CLUSTER>
 void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
-  auto kern = w4a8_sm90_kernel<C, G128, OUT>;
+  auto kern = w4a8_sm90_kernel<C, G128, OUT, CLUSTER>;
   static bool attr_set = false;
   if (!attr_set) {
     QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
     attr_set = true;
   }
-  const int tn = (a.N + C::BN - 1) / C::BN;
+  int tn = (a.N + C::BN - 1) / C::BN;
+  if (CLUSTER) tn += tn & 1;  // whole CTA pairs (a CTA past N loads X, computes, stores nothing)
   const int tm = (a.M + C::BMT - 1) / C::BMT;
   const int kt = (a.K + C::BK - 1) / C::BK;
   const int64_t tiles = static_cast<int64_t>(tn) * tm;
@@ -422,8 +505,24 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   const int per = (kt + splits - 1) / splits;
   splits = (kt + per - 1) / per;
   dim3 grid(tn, tm, splits);
-  const CUtensorMap xmap = make_x_map(a, C::BMT);
-  kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, per);
+  const CUtensorMap xmap = make_x_map(a, CLUSTER ? C::BMT / 2 : C::BMT);
+  if constexpr (CLUSTER) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(C::THREADS);
+    cfg.dynamicSmemBytes = C::SMEM_BYTES;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    QOQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a, xmap, per));
+  } else {
+    kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, per);
+  }
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -448,12 +547,12 @@ inline int pick_bmt(const W4A8Args& a) {
   return best;
 }
 
-template <bool G128, OutKind OUT>
-void dispatch(const W4A8Args& a, cudaStream_t stream) {
+template <bool G128, OutKind OUT, bool CLUSTER>
+void dispatch_bmt(const W4A8Args& a, cudaStream_t stream) {
   switch (pick_bmt(a)) {
-    case 64: launch<Cfg<64>, G128, OUT>(a, 1, stream); break;
-    case 128: launch<Cfg<128>, G128, OUT>(a, 1, stream); break;
-    default: launch<Cfg<192>, G128, OUT>(a, 1, stream); break;
+    case 64: launch<Cfg<64>, G128, OUT, CLUSTER>(a, 1, stream); break;
+    case 128: launch<Cfg<128>, G128, OUT, CLUSTER>(a, 1, stream); break;
+    default: launch<Cfg<192>, G128, OUT, CLUSTER>(a, 1, stream); break;
   }
 }
 

@@ -4,11 +4,18 @@
 
 namespace qoq {
 
-void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, cudaStream_t stream) {
+// The CTA-pair (multicast) instantiations live in w4a8_sm90_g128_cluster.cu (compile time).
+void w4a8_gemm_sm90_g128_cluster(const W4A8Args& a, OutKind out, cudaStream_t stream);
+
+void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, bool cluster, cudaStream_t stream) {
+  if (cluster) {
+    w4a8_gemm_sm90_g128_cluster(a, out, stream);
+    return;
+  }
   switch (out) {
-    case OutKind::F16: sm90::dispatch<true, OutKind::F16>(a, stream); break;
-    case OutKind::BF16: sm90::dispatch<true, OutKind::BF16>(a, stream); break;
-    case OutKind::I32: sm90::dispatch<true, OutKind::I32>(a, stream); break;
+    case OutKind::F16: sm90::dispatch_bmt<true, OutKind::F16, false>(a, stream); break;
+    case OutKind::BF16: sm90::dispatch_bmt<true, OutKind::BF16, false>(a, stream); break;
+    case OutKind::I32: sm90::dispatch_bmt<true, OutKind::I32, false>(a, stream); break;
   }
 }
 

@@ -2,9 +2,9 @@
 
 * quantize_per_token: bit-exact (qx, sx, qsum) with reference.quantize_activation.
 * GEMM accumulators: the debug op qoq_debug::w4a8_acc returns the kernels' raw int32
-  accumulators (same kernels, same tile selection as the real ops, path 1 = mma.sync
-  kernels, 2 = Hopper wgmma kernels); they must equal the exact integer product over a
-  sweep of M, N, K for both variants and both kernel families.
+  accumulators (same kernels, same tile selection as the real ops; path 1 = mma.sync
+  kernels, 3/4 = Hopper wgmma kernels without/with CTA-pair multicast); they must equal
+  the exact integer product over a sweep of M, N, K for both variants and every path.
 * GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
   ops (reference/gemm.py) run on the natural layout.
 * Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
@@ -87,11 +87,13 @@ def test_quantize_per_token_3d_and_ties():
 
 
 # ---------------------------------------------------------------- exact accumulators
-PATHS = [1, 2]  # 1: mma.sync (sm_80+), 2: wgmma (sm_90a)
+# 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
+# tile through TMA multicast.  (2 = the wgmma default, one of 3/4; the real ops use it.)
+PATHS = [1, 3, 4]
 
 
 def _need_path(path):
-    if path == 2 and not torch.ops.qoq_debug.sm90_available():
+    if path >= 2 and not torch.ops.qoq_debug.sm90_available():
         pytest.skip("no sm_90a wgmma kernels on this GPU/build")
 
 
