@@ -107,19 +107,25 @@ def with_kv_bits(ckpt: Path, bits: int) -> Path:
     return out
 
 
-def measure(ckpt: Path, runtime: str, args) -> dict:
-    res_file = ROOT / ".cache" / "accuracy" / "last_ppl.json"
-    cmd = [sys.executable, "-m", "converters.ppl", "--model", str(ckpt), "--runtime", runtime,
+def measure_all(ckpts: list[Path], runtime: str, args) -> dict[str, dict]:
+    """Perplexity of every checkpoint, one process per runtime (model -> result)."""
+    res_file = ROOT / ".cache" / "accuracy" / f"last_ppl_{runtime}.json"
+    cmd = [sys.executable, "-m", "converters.ppl", "--model", *map(str, ckpts), "--runtime", runtime,
            "--dataset", args.dataset, "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
            "--device", args.device, "--out", str(res_file)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     print("+", " ".join(cmd), flush=True)
     res_file.unlink(missing_ok=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0 or not res_file.is_file():
-        raise RuntimeError(f"ppl failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(res_file.read_text())
+    log = ROOT / ".cache" / "accuracy" / f"ppl_{runtime}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    got = json.loads(res_file.read_text()) if res_file.is_file() else []
+    got = got if isinstance(got, list) else [got]
+    out = {r["model"]: r for r in got}
+    if proc.returncode != 0:
+        print(f"ppl ({runtime}) failed with rc {proc.returncode}; see {log}", flush=True)
+    return out
 
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
@@ -173,32 +179,45 @@ def main(argv=None) -> int:
                         "clip_steps": args.clip_steps,
                         "text": "shared/data/sotu/sotu_calib_1934_2000.jsonl"},
     }
+    plan = []  # (row, checkpoint or None, runtime)
     for name in args.configs:
         ckpt, reason = build(name, src, cache, args)
         label = CONFIGS[name][0]
         for kv in (args.kv_bits if name != "fp16" else [16]):
             cfg_label = label if name == "fp16" else f"{label}, KV{kv}"
             for rt in args.runtimes:
-                row = {"model": "SmolLM2-135M", "config": cfg_label, "metric": metric, "value": None,
-                       "runtime": f"{prefix}/{'vllm' if rt == 'vllm' else 'fake-quant'}"}
                 if rt == "reference" and kv != 16:
                     continue  # the fake-quant reference does not quantize the KV cache
+                row = {"model": "SmolLM2-135M", "config": cfg_label, "metric": metric, "value": None,
+                       "runtime": f"{prefix}/{'vllm' if rt == 'vllm' else 'fake-quant'}"}
                 if ckpt is None:
                     row["note"] = reason
+                    plan.append((row, None, rt))
                 else:
-                    try:
-                        res = measure(with_kv_bits(ckpt, kv), rt, args)
-                        row["value"] = res["ppl"]
-                        row["tokens"] = res["tokens"]
-                        row["seconds"] = res["seconds"]
-                    except RuntimeError as e:
-                        row["note"] = str(e).strip().splitlines()[-1][:300]
-                print(json.dumps(row), flush=True)
-                key = (row["model"], row["config"], row["metric"], row["runtime"])
-                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r["metric"], r["runtime"]) != key]
-                doc["rows"].append(row)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(doc, indent=1) + "\n")
+                    plan.append((row, with_kv_bits(ckpt, kv), rt))
+
+    def save(rows):
+        for row in rows:
+            key = (row["model"], row["config"], row["metric"], row["runtime"])
+            doc["rows"] = [r for r in doc["rows"] if (r["model"], r["config"], r["metric"], r["runtime"]) != key]
+            doc["rows"].append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    save([row for row, ck, _ in plan if ck is None])
+    for rt in args.runtimes:  # reference first in the list order given; one process each
+        todo = [(row, ck) for row, ck, r in plan if r == rt and ck is not None]
+        if not todo:
+            continue
+        results = measure_all([ck for _, ck in todo], rt, args)
+        for row, ck in todo:
+            res = results.get(str(ck))
+            if res is None:
+                row["note"] = "measurement failed (see .cache/accuracy/ppl_*.log)"
+            else:
+                row.update(value=res["ppl"], tokens=res["tokens"], seconds=res["seconds"])
+            print(json.dumps(row), flush=True)
+        save([row for row, _ in todo])
     doc["runs"].append(meta)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     write_markdown(doc["rows"], {**meta, "note": "see accuracy.json 'runs' for every run's command"},

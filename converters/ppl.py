@@ -74,7 +74,7 @@ def vllm_nll(model_dir: str, windows: list[list[int]], **llm_kwargs) -> tuple[fl
     from vllm.inputs import TokensPrompt
 
     seqlen = max(len(w) for w in windows)
-    kw = {"max_model_len": seqlen, "seed": 0, "gpu_memory_utilization": 0.5,
+    kw = {"max_model_len": seqlen + 1, "seed": 0, "gpu_memory_utilization": 0.5,
           "enable_prefix_caching": False}
     kw.update(llm_kwargs)
     llm = LLM(model=str(model_dir), **kw)
@@ -173,7 +173,8 @@ def perplexity(model_dir, dataset="wikitext2", seqlen=2048, max_windows=None, ru
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m converters.ppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+",
+                   help="model dir(s); several are measured one after another in this process")
     p.add_argument("--dataset", default="wikitext2")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
@@ -181,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", help="vLLM activation dtype")
     p.add_argument("--device", default="cpu", help="reference runtime device")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no torch.compile/graphs")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--out", default=None,
+                   help="write the result as JSON here (a list when several models; rewritten after each)")
     a = p.parse_args(argv)
     kw = {"enforce_eager": True} if a.enforce_eager else {}
-    res = perplexity(a.model, a.dataset, a.seqlen, a.max_windows, a.runtime, a.dtype, a.device, kw)
-    print(json.dumps(res, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    results = []
+    for m in a.model:
+        res = perplexity(m, a.dataset, a.seqlen, a.max_windows, a.runtime, a.dtype, a.device, kw)
+        print(json.dumps(res, indent=1), flush=True)
+        results.append(res)
+        if a.out:
+            out = results if len(a.model) > 1 else res
+            Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -2,13 +2,20 @@
 
 Each transform (rotation, per-head V rotation, SmoothAttention, linear smoothing,
 channel reordering) must leave a float model's logits unchanged; checked on tiny
-random Llama (GQA, tied embeddings) and Qwen2 (q/k/v biases) models in float64 (HF RMSNorm computes in float32,
+random Llama (GQA, tied embeddings, llama3 RoPE scaling), Mistral and Qwen2 (q/k/v biases) models in float64 (HF RMSNorm computes in float32,
 so "unchanged" means within 1e-5).
 """
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from converters.recipe import QoQOptions, run_qoq
 from converters.recipe import hadamard as had
@@ -63,6 +70,8 @@ def _tiny(kind: str, hidden=192, inter=320, heads=6, kv=2, hd=32, tie=True):
         m = LlamaForCausalLM(LlamaConfig(**kw, rope_parameters={
             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
+    elif kind == "mistral":
+        m = MistralForCausalLM(MistralConfig(**kw))
     else:
         m = Qwen2ForCausalLM(Qwen2Config(**kw))
     m = m.to(torch.float64).eval()
@@ -84,7 +93,7 @@ def _logits(m):
         return m(_ids()).logits
 
 
-KINDS = ["llama", "qwen2"]
+KINDS = ["llama", "mistral", "qwen2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
