@@ -128,6 +128,12 @@ class QoQKV4MetadataBuilder(compat.AttentionMetadataBuilder[QoQKV4Metadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._max_model_len = compat.max_model_len(vllm_config)
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        if _on_cuda() and not ops.has_cuda_kernels():
+            return compat.AttentionCGSupport.NEVER  # the reference syncs with the host
+        return cls._cudagraph_support
+
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cam = common_attn_metadata
         return QoQKV4Metadata(

@@ -5,7 +5,9 @@ namespace, through a FRAGMENT library).  Implementations:
   * CPU: the reference (vllm_qoq/reference/kv4.py), always;
   * CUDA: the kernels of csrc/attention/ (TORCH_LIBRARY_IMPL(qoq, CUDA) in
     csrc/attention/bindings.cpp, inside the vllm_qoq._C extension) when that
-    extension was built with them, otherwise the reference as well;
+    extension was built with them, otherwise the reference as well (also with
+    VLLM_QOQ_DISABLE_KERNELS=1; the reference syncs with the host, so the
+    backend then declares no CUDA-graph support);
   * fake: the ops only mutate their first/third argument, so the fake is a no-op
     and Dynamo (fullgraph) can trace the backend.
 """
@@ -13,6 +15,7 @@ namespace, through a FRAGMENT library).  Implementations:
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -67,10 +70,11 @@ def register_ops() -> None:
         lib.define(schema)
         lib.impl(name, _REFERENCE[name], "CPU")
         torch.library.register_fake(f"qoq::{name}", lib=lib)(_FAKE[name])
-    try:
-        from .. import _C  # noqa: F401  (registers the CUDA kernels on import)
-    except ImportError:
-        pass
+    if os.environ.get("VLLM_QOQ_DISABLE_KERNELS") != "1":  # as vllm_qoq/ops.py
+        try:
+            from .. import _C  # noqa: F401  (registers the CUDA kernels on import)
+        except ImportError:
+            pass
     cuda = all(_has_cuda_kernel(n) for n in _SCHEMAS)
     if not cuda:
         for name in _SCHEMAS:
