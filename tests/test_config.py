@@ -160,3 +160,43 @@ def test_linear_loads_qserve_layout(tp, gs):
     qx, sx, _ = quantize_activation(x)
     expect = (qx.double() * sx.double()[:, None]) @ fmt.dequantize_weight(q, gs).double().t()
     torch.testing.assert_close(method.apply(layer, x).double(), expect.half().double(), rtol=5e-3, atol=5e-3)
+
+
+def _loader(param, loaded_weight, shard_id=None):
+    """Stands in for vLLM's weight_loader_v2: shard_id i fills output rows of part i."""
+    if shard_id is None:
+        param.data.copy_(loaded_weight)
+    else:
+        n = loaded_weight.shape[0]
+        param.data[shard_id * n:(shard_id + 1) * n].copy_(loaded_weight)
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+def test_missing_tensor_is_refused_by_name(tp, gs):
+    n, k = 64, 256
+    q = quantize_weight(torch.randn(n, k), gs)
+    layer = torch.nn.Module()
+    method = QoQLinearMethod(QoQConfig(group_size=gs), prefix="model.layers.3.mlp.down_proj")
+    method.create_weights(layer, k, [n], k, n, torch.bfloat16, weight_loader=_loader)
+    names = fmt.tensor_names(gs)
+    for name in names[:-1]:  # the last tensor is "missing from the checkpoint"
+        getattr(layer, name).weight_loader(getattr(layer, name), q[name])
+    with pytest.raises(ValueError, match=rf"model.layers.3.mlp.down_proj.{names[-1]} were not found"):
+        method.process_weights_after_loading(layer)
+    getattr(layer, names[-1]).weight_loader(getattr(layer, names[-1]), q[names[-1]])
+    method.process_weights_after_loading(layer)  # complete now
+
+
+def test_missing_part_of_merged_layer_is_refused(tp):
+    q = [quantize_weight(torch.randn(64, 256), -1) for _ in range(2)]
+    layer = torch.nn.Module()
+    method = QoQLinearMethod(QoQConfig(group_size=-1), prefix="model.layers.0.mlp.gate_up_proj")
+    method.create_weights(layer, 256, [64, 64], 256, 128, torch.bfloat16, weight_loader=_loader)
+    for name in fmt.CHANNEL_TENSORS:
+        p = getattr(layer, name)
+        for part in (0, 1):
+            if name == "szeros" and part == 1:
+                continue  # up_proj.szeros is missing from the checkpoint
+            p.weight_loader(p, q[part][name], part)
+    with pytest.raises(ValueError, match=r"gate_up_proj.szeros were not found.*gate/up"):
+        method.process_weights_after_loading(layer)

@@ -78,6 +78,16 @@ def is_layer_skipped(prefix: str, ignored: list[str], fused_mapping) -> bool:
     return match(prefix)
 
 
+def is_dummy_load() -> bool:
+    """True while vLLM builds a model for --load-format dummy (no checkpoint tensors)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        return str(get_current_vllm_config().load_config.load_format).lower() == "dummy"
+    except Exception:  # noqa: BLE001 - outside an engine (unit tests): a real load
+        return False
+
+
 def tp_rank_and_size() -> tuple[int, int]:
     from vllm.distributed import (
         get_tensor_model_parallel_rank,

@@ -28,6 +28,7 @@ from .compat import (
     GroupQuantScaleParameter,
     LinearMethodBase,
     PackedvLLMParameter,
+    is_dummy_load,
     register_weight_loader_v2,
 )
 
@@ -45,6 +46,19 @@ def _warn_reference_on_gpu() -> None:
             "vllm_qoq with a CUDA build of torch and nvcc to get the kernels.",
             ops.extension_error(),
         )
+
+
+def _tracking_loader(loader):
+    """Wrap a weight-loader-v2 callable to record the shard ids a parameter received."""
+
+    def load(param, loaded_weight, *args, **kwargs):
+        shard = args[0] if args else kwargs.get("loaded_shard_id")
+        if not hasattr(param, "qoq_loaded_shards"):
+            param.qoq_loaded_shards = set()
+        param.qoq_loaded_shards.add(shard)
+        return loader(param, loaded_weight, *args, **kwargs)
+
+    return load
 
 
 @register_weight_loader_v2
@@ -75,6 +89,12 @@ class QoQLinearMethod(LinearMethodBase):
         k = input_size_per_partition
         fmt.check_k(k, gs, f"{where}, per tensor-parallel rank")
         loader = extra_weight_attrs.get("weight_loader")
+        # Track which shards each parameter received, so that a checkpoint missing
+        # a tensor is refused by name (vLLM does not check quantized layers).
+        layer.qoq_check_loaded = loader is not None and not is_dummy_load()
+        layer.qoq_num_shards = len(output_partition_sizes)
+        if loader is not None:
+            loader = _tracking_loader(loader)
         layer.qoq_group_size = gs
         layer.qoq_out_features = n
         layer.qoq_in_features = k
@@ -152,9 +172,26 @@ class QoQLinearMethod(LinearMethodBase):
                 )
 
     # -- after loading -----------------------------------------------------------
+    def _check_loaded(self, layer: torch.nn.Module, names, where: str) -> None:
+        if not getattr(layer, "qoq_check_loaded", False):
+            return
+        missing = []
+        for name in names:
+            shards = getattr(getattr(layer, name), "qoq_loaded_shards", set())
+            if None not in shards and len(shards) < layer.qoq_num_shards:
+                missing.append(name)
+        if missing:
+            raise ValueError(
+                f"qoq: {where}: tensor(s) {', '.join(where + '.' + m for m in missing)} were not "
+                "found in the checkpoint (for a merged layer: in one of its q/k/v or gate/up "
+                "parts); the checkpoint is incomplete or truncated — re-run the converter"
+            )
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         gs = layer.qoq_group_size
         where = self.prefix or type(layer).__name__
+        names = [n for n, _ in layer.named_parameters(recurse=False) if n != "bias"]
+        self._check_loaded(layer, names, where)
         if self.quant_config.layout == "qserve":
             from . import qserve_layout
 
@@ -173,6 +210,7 @@ class QoQLinearMethod(LinearMethodBase):
             if hasattr(layer, name):
                 delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(t.contiguous(), requires_grad=False))
+        layer.qoq_check_loaded = False  # processed: the plain parameters carry no shard record
 
     # -- forward -------------------------------------------------------------------
     def apply(
