@@ -20,9 +20,17 @@ enum class BiasKind : int { None = 0, F16 = 1, BF16 = 2, F32 = 3 };
     }                                                                          \
   } while (0)
 
-// Defined in csrc/common/errors.cpp (throws std::runtime_error).
+// Defined in csrc/common/errors.cu (throws std::runtime_error).
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file,
                                    int line);
+
+// One bit per device (current device), for the kernels' one-time per-device setup
+// (cudaFuncSetAttribute, occupancy queries): `if (!(done & bit)) { setup; done |= bit; }`.
+inline unsigned long long current_device_bit() {
+  int dev = 0;
+  QOQ_CUDA_CHECK(cudaGetDevice(&dev));
+  return 1ull << (dev & 63);
+}
 
 // ---- Per-token INT8 activation quantization (csrc/quant/quant_per_token.cu).
 // x [rows, K] (fp16 if !is_bf16, else bf16, row stride K) -> qx int8 [rows, K],

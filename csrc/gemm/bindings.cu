@@ -41,14 +41,16 @@ int num_sms(int device) {
 // Not safe for two GEMMs running concurrently on different streams of one device.
 at::Tensor& workspace(const at::Device& dev) {
   static std::mutex mu;
-  static std::vector<at::Tensor> ws;
+  // Never destroyed: freeing CUDA memory from a static destructor can run after the driver
+  // has shut down at process exit.
+  static auto* ws = new std::vector<at::Tensor>();
   std::lock_guard<std::mutex> lock(mu);
   const int idx = dev.index();
-  if (static_cast<int>(ws.size()) <= idx) ws.resize(idx + 1);
-  if (!ws[idx].defined()) {
-    ws[idx] = at::zeros({w4a8_workspace_ints(0)}, at::TensorOptions().dtype(at::kInt).device(dev));
+  if (static_cast<int>(ws->size()) <= idx) ws->resize(idx + 1);
+  if (!(*ws)[idx].defined()) {
+    (*ws)[idx] = at::zeros({w4a8_workspace_ints(0)}, at::TensorOptions().dtype(at::kInt).device(dev));
   }
-  return ws[idx];
+  return (*ws)[idx];
 }
 
 // Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;

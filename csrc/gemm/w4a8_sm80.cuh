@@ -349,13 +349,16 @@ __global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a,
 template <class C, bool G128, OutKind OUT>
 void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
   auto kern = w4a8_sm80_kernel<C, G128, OUT>;
-  static int per_sm = 0;  // resident CTAs per SM (per instantiation; a benign race)
-  if (per_sm == 0) {
+  static unsigned long long setup_done = 0;  // per instantiation, one bit per device
+  static int per_sm = 1;                      // resident CTAs per SM (same on every device)
+  const unsigned long long bit = current_device_bit();
+  if (!(setup_done & bit)) {
     QOQ_CUDA_CHECK(
         cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
     int n = 0;
     QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, C::THREADS, C::SMEM_BYTES));
     per_sm = std::max(1, n);
+    setup_done |= bit;
   }
   const int64_t tiles = static_cast<int64_t>((a.N + C::BN - 1) / C::BN) * ((a.M + C::BM - 1) / C::BM);
   const int kt = (a.K + C::BK - 1) / C::BK;

@@ -484,10 +484,11 @@ inline CUtensorMap make_x_map(const W4A8Args& a, int bmt) {
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
 void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   auto kern = w4a8_sm90_kernel<C, G128, OUT, CLUSTER>;
-  static bool attr_set = false;
-  if (!attr_set) {
+  static unsigned long long setup_done = 0;  // per instantiation, one bit per device
+  const unsigned long long bit = current_device_bit();
+  if (!(setup_done & bit)) {
     QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
-    attr_set = true;
+    setup_done |= bit;
   }
   int tn = (a.N + C::BN - 1) / C::BN;
   if (CLUSTER) tn += tn & 1;  // whole CTA pairs (a CTA past N loads X, computes, stores nothing)
