@@ -80,13 +80,23 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// Cluster variant: acquire at cluster scope (the releases come from both CTAs), and give up
+// with a trap -- a launch error instead of a hung process -- if a phase has not completed
+// after ~10 s, i.e. if this (not yet device-tested) protocol ever deadlocks.
 __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nQOQ_WAITC:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra QOQ_WAITC;\n}\n" ::"r"(dev::smem_addr(bar)),
-      "r"(parity)
-      : "memory");
+  const long long t0 = clock64();
+  for (;;) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(dev::smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (clock64() - t0 > (1ll << 34)) __trap();
+  }
 }
 // Arrive on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
@@ -285,7 +295,11 @@ __global__ void __launch_bounds__(288, 1)
 
   auto step = [&](int it, uint32_t(&f)[4][4], uint32_t(&fprev)[4][4]) {
     const int s = it % STAGES;
-    mbar_wait(&full[s], (it / STAGES) & 1);
+    if constexpr (CLUSTER) {
+      mbar_wait_cluster(&full[s], (it / STAGES) & 1);
+    } else {
+      mbar_wait(&full[s], (it / STAGES) & 1);
+    }
     const uint8_t* st = smem + s * C::STAGE_BYTES;
     const uint8_t* sw = st + C::X_BYTES;
     uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
