@@ -134,7 +134,9 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     """
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1)
-    sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    # a tensor divisor: PyTorch turns division by a Python scalar into a multiply
+    # by its reciprocal on CUDA, which can differ from IEEE division by one ulp
+    sx = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
     qx = torch.round(xf / sx[..., None]).clamp_(-127, 127).to(torch.int8)
     qsum = qx.to(torch.int32).sum(dim=-1, dtype=torch.int32)
     return qx, sx, qsum
