@@ -206,7 +206,7 @@ def cases(quick: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few shapes, few iterations")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="a .json file or a folder (default benchmarks/results)")
     ap.add_argument("--lib", default=os.environ.get("QOQ_KV4_LIB"))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--phases", nargs="*", default=["decode", "prefill"])
@@ -269,7 +269,10 @@ def main(argv=None) -> int:
         "skipped": skipped,
     }
     tag = dev.replace("NVIDIA ", "").replace(" ", "-")
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention-{tag}.json"
+    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    if path.is_dir() or not path.suffix:  # a folder, like gemm.py's --out
+        path = path / f"attention-{tag}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
