@@ -61,8 +61,9 @@ setup(
     version="0.1.0",
     description="QoQ (W4A8KV4) quantization for vLLM: plugin, CUDA kernels, converters",
     packages=find_packages(include=["vllm_qoq", "vllm_qoq.*", "converters", "converters.*"]),
+    package_data={"vllm_qoq": ["lm_eval_tasks/*/*.yaml", "lm_eval_tasks/*/*.py", "lm_eval_tasks/*.md"]},
     python_requires=">=3.10",
-    install_requires=["torch", "safetensors", "transformers", "tqdm"],
+    install_requires=["torch", "safetensors", "transformers", "tqdm", "accelerate"],
     extras_require={"test": ["pytest", "lm-eval"], "vllm": ["vllm>=0.26"]},
     entry_points={
         "vllm.general_plugins": ["qoq = vllm_qoq:register"],

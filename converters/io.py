@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,17 @@ SHARD_BYTES = 2 * 1024**3
 
 class ConversionError(ValueError):
     """Bad input for a converter; the message names the file and the fix."""
+
+
+def run_cli(convert, errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a converter's `convert()`: print where it wrote, or the error; exit status 0/2."""
+    try:
+        out = convert()
+    except (ConversionError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:

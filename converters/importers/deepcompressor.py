@@ -199,13 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bits", type=int, choices=fmt.SUPPORTED_KV_BITS, default=4)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
-        out = import_deepcompressor(a.model_pt, a.scale_pt, a.config_dir, a.out, a.kv_bits, a.overwrite)
-    except (io.ConversionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return io.run_cli(
+        lambda: import_deepcompressor(
+            a.model_pt, a.scale_pt, a.config_dir, a.out, a.kv_bits, a.overwrite
+        ),
+        (ValueError,),
+    )
 
 
 if __name__ == "__main__":

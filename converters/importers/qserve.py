@@ -163,13 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="weights file if not in --model")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
-        out = import_qserve(a.model, a.out, a.group_size, a.kv_bits, a.weights, a.overwrite)
-    except io.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return io.run_cli(
+        lambda: import_qserve(a.model, a.out, a.group_size, a.kv_bits, a.weights, a.overwrite)
+    )
 
 
 if __name__ == "__main__":

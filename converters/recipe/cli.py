@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.prog = "python -m converters.recipe.cli"
     args = p.parse_args(argv)
     args.recipe = "qoq"
-    try:
-        out = convert_qoq(args)
-    except io.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return io.run_cli(lambda: convert_qoq(args))
 
 
 if __name__ == "__main__":

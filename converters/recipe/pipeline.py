@@ -174,7 +174,6 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
     model.eval()
     model.config.use_cache = False
     nh, nkv, hd = T.head_dims(model)
-    group = nh // nkv
     layers = T.decoder_layers(model)
     hidden = model.config.hidden_size
     reorder = opts.reorder and group_size == fmt.GROUP_SIZE_G128
