@@ -103,17 +103,7 @@ class QoQLinearMethod(LinearMethodBase):
             self._create_qserve(layer, n, k, input_size, gs, loader, where)
             return
 
-        layer.register_parameter(
-            "qweight",
-            PackedvLLMParameter(
-                data=torch.empty(n, k // 2, dtype=torch.uint8),
-                input_dim=1,
-                output_dim=0,
-                packed_dim=1,
-                packed_factor=2,
-                weight_loader=loader,
-            ),
-        )
+        layer.register_parameter("qweight", self._packed(n, k, torch.uint8, loader))
         if gs == -1:
             for name in ("scales", "szeros"):
                 layer.register_parameter(name, self._channel(n, loader))
@@ -131,6 +121,18 @@ class QoQLinearMethod(LinearMethodBase):
                 )
 
     @staticmethod
+    def _packed(n: int, k: int, dtype: torch.dtype, loader) -> PackedvLLMParameter:
+        """[N, K/2] 4-bit codes packed along K (row-parallel slices the packed K)."""
+        return PackedvLLMParameter(
+            data=torch.empty(n, k // 2, dtype=dtype),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=2,
+            weight_loader=loader,
+        )
+
+    @staticmethod
     def _channel(n: int, loader) -> ChannelQuantScaleParameter:
         return ChannelQuantScaleParameter(
             data=torch.empty(n, dtype=torch.float16), output_dim=0, weight_loader=loader
@@ -145,17 +147,7 @@ class QoQLinearMethod(LinearMethodBase):
             )
         if n % 32 or k % 32:
             raise ValueError(f"qoq: {where}: QServe layout needs N, K multiples of 32 (N={n}, K={k})")
-        layer.register_parameter(
-            "qweight",
-            PackedvLLMParameter(
-                data=torch.empty(n, k // 2, dtype=torch.int8),
-                input_dim=1,
-                output_dim=0,
-                packed_dim=1,
-                packed_factor=2,
-                weight_loader=loader,
-            ),
-        )
+        layer.register_parameter("qweight", self._packed(n, k, torch.int8, loader))
         layer.register_parameter("s1_scales", self._channel(n, loader))
         if gs == -1:
             layer.register_parameter("s1_szeros", self._channel(n, loader))
