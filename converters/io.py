@@ -67,6 +67,12 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         raise ConversionError(f"{path}: invalid JSON ({e})") from e
 
 
+def config_float_dtype(config: dict) -> torch.dtype:
+    """fp16 or bf16 as config.json names it (vLLM serves those; fp32 and unset mean fp16)."""
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return torch.bfloat16 if "bfloat16" in name else torch.float16
+
+
 def check_architecture(config: dict, model_dir) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None

@@ -80,12 +80,17 @@ def vllm_nll(model_dir: str, windows: list[list[int]], **llm_kwargs) -> tuple[fl
     llm = LLM(model=str(model_dir), **kw)
     sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp, use_tqdm=True)
+    del llm
+    return prompt_nll(windows, outs)
+
+
+def prompt_nll(windows: list[list[int]], outs) -> tuple[float, int]:
+    """Sum of NLL and count of tokens 2.. of each window, from vLLM outputs with prompt_logprobs."""
     nll, ntok = 0.0, 0
     for w, o in zip(windows, outs):
         for tok, lp in zip(w[1:], o.prompt_logprobs[1:]):
             nll -= lp[tok].logprob
             ntok += 1
-    del llm
     return nll, ntok
 
 

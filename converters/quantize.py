@@ -59,8 +59,7 @@ def _float_dtype(config: dict, src: torch.dtype) -> torch.dtype:
     """Dtype for tensors kept in float: fp32 sources become fp16 (vLLM serves fp16/bf16)."""
     if src in (torch.float16, torch.bfloat16):
         return src
-    name = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return torch.bfloat16 if "bfloat16" in name else torch.float16
+    return io.config_float_dtype(config)
 
 
 def convert_rtn(args) -> Path:

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
 def run_job(job: dict) -> dict:
     from vllm import LLM, SamplingParams
+
+    from converters.ppl import prompt_nll
     from vllm.inputs import TokensPrompt
 
     t0 = time.time()
@@ -49,12 +54,7 @@ def run_job(job: dict) -> dict:
     if windows:
         sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp, use_tqdm=False)
-        nll, ntok = 0.0, 0
-        for w, o in zip(windows, outs):
-            for tok, lp in zip(w[1:], o.prompt_logprobs[1:]):
-                nll -= lp[tok].logprob
-                ntok += 1
-        res["nll"], res["ntok"] = nll, ntok
+        res["nll"], res["ntok"] = prompt_nll(windows, outs)
     res["seconds"] = time.time() - t0
     del llm
     gc.collect()

@@ -76,11 +76,6 @@ def options_from_args(args) -> QoQOptions:
     )
 
 
-def _out_dtype(config: dict) -> torch.dtype:
-    name = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return torch.bfloat16 if "bfloat16" in name else torch.float16
-
-
 def convert_qoq(args) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,7 +85,7 @@ def convert_qoq(args) -> Path:
     io.check_output(args.out, src, getattr(args, "overwrite", False))  # fail before the long part
     opts = options_from_args(args)
     gs = args.group_size
-    out_dtype = _out_dtype(config)
+    out_dtype = io.config_float_dtype(config)
     load_dtype = torch.float32 if opts.device == "cpu" else out_dtype
     try:
         texts = calib.load_texts(getattr(args, "calib", None))
