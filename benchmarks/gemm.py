@@ -72,6 +72,7 @@ A_BYTES = {"qoq_chn": 1, "qoq_g128": 1, "bf16": 2, "fp8": 1, "int8_w8a8": 1,
 
 
 def min_bytes(impl, m, n, k):
+    impl = impl.split("@")[0]
     return W_BYTES[impl] * n * k + A_BYTES[impl] * m * k + 2 * m * n
 
 
@@ -107,6 +108,30 @@ def build_qoq(variant, m, n, k, gen):
     s2 = _rand_u8((g, n), gen, 1, 9)  # q8 = s2*(u - 8) stays inside int8
     zneg = ((256 - 8 * s2.int()) % 256).to(torch.uint8)
     return lambda: ops.w4a8_g128_gemm(qx, sx, qweight, scales, s2, zneg, None, torch.bfloat16)
+
+
+def build_qoq_path(variant, path, m, n, k, gen):
+    """One kernel path of the qoq GEMM, forced (qoq_debug::w4a8_acc: int32 accumulators
+    out, no float epilogue): `--impls qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1)
+    with the GEMV (5); 3/4 = wgmma without/with CTA-pair multicast."""
+    from vllm_qoq import ops
+
+    ops.register_ops()
+    if not ops.has_cuda_kernels():
+        raise Skip(f"vllm_qoq._C not built: {ops.extension_error()}")
+    if variant == "g128" and k % 128:
+        raise Skip("g128 needs K % 128 == 0")
+    if path == 5 and m > 16:
+        raise Skip("the GEMV path serves M <= 16")
+    if path >= 2 and path != 5 and not torch.ops.qoq_debug.sm90_available():
+        raise Skip("no sm_90a kernels on this GPU/build")
+    qx = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
+    qweight = _rand_u8((n, k // 2), gen)
+    if variant == "chn":
+        return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, None, None, n, path)
+    s2 = _rand_u8((k // 128, n), gen, 1, 9)
+    zneg = ((256 - 8 * s2.int()) % 256).to(torch.uint8)
+    return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, s2, zneg, n, path)
 
 
 def build_bf16(m, n, k, gen):
@@ -234,7 +259,12 @@ def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
     if impl == "act_quant":
         per_call, build = quant_bytes(m, k), lambda: build_quant(m, k, gen)
     else:
-        per_call, build = min_bytes(impl, m, n, k), lambda: BUILDERS[impl](m, n, k, gen)
+        if "@" in impl:  # qoq_chn@5: a forced kernel path
+            variant, path = impl.split("@")
+            builder = lambda m, n, k, g: build_qoq_path(variant[4:], int(path), m, n, k, g)
+        else:
+            builder = BUILDERS[impl]
+        per_call, build = min_bytes(impl, m, n, k), lambda: builder(m, n, k, gen)
     copies = max(1, min(math.ceil(3 * l2_bytes / per_call), int(max_copy_bytes // per_call)))
     copies = min(copies, 64)
     fns = [build() for _ in range(copies)]
@@ -292,6 +322,7 @@ def summary_md(res, skipped):
     for r in rows:
         by.setdefault((r["N"], r["K"]), {}).setdefault(r["M"], {})[r["impl"]] = r["us"]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    impls += sorted({r["impl"] for r in rows} - set(IMPLS))  # forced paths (qoq_chn@5, ...)
     out = [f"# W4A8 GEMM benchmark — {res['device']}", "",
            f"date {res['date']}, torch {res['torch']}, vLLM {res['vllm']}, "
            f"command `{res['command']}`", "",
@@ -423,7 +454,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001  (record and go on: one broken baseline must not end the run)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (M={m} N={n} K={k})"
             res["skipped"].append({"impl": impl, "reason": reason})
-            if impl not in ("qoq_chn", "qoq_g128"):
+            if not impl.startswith("qoq_"):
                 skipped_impls[impl] = reason
             traceback.print_exc(limit=2)
         finally:

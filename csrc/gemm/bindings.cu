@@ -6,6 +6,7 @@
 // and in w4a8_sm80.cuh): qweight uint8 [Np, K/2] (Np = N rounded up to 32; == N when
 // N % 32 == 0), scales/szeros/s1 fp16 [N], s2_scales/s2_zeros uint8 [K/128, Np] with
 // s2_zeros holding the pre-negated (-z*s2) mod 256.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -68,6 +69,7 @@ int forced_path() {
     if (std::strcmp(e, "sm90") == 0) return 2;
     if (std::strcmp(e, "sm90-nocluster") == 0) return 3;
     if (std::strcmp(e, "sm90-cluster") == 0) return 4;
+    if (std::strcmp(e, "gemv") == 0) return 5;
     return 0;
   }();
   return p;
@@ -92,8 +94,25 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed: on Hopper the wgmma kernels for M > 16, the mma.sync decode
 // kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
+// The GEMV (path 5) serves M <= this; VLLM_QOQ_GEMV_MAX_M overrides (0 turns it off, at
+// most 16).  The crossover with the mma.sync kernel: benchmarks/results/gemm-notes.md.
+constexpr int kGemvMaxM = 4;
+int gemv_max_m() {
+  static const int v = [] {
+    const char* e = std::getenv("VLLM_QOQ_GEMV_MAX_M");
+    if (e == nullptr || *e == '\0') return kGemvMaxM;
+    return std::max(0, std::min(16, std::atoi(e)));
+  }();
+  return v;
+}
+
 int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
   if (requested == 0) requested = forced_path();
+  if (requested == 5) {
+    TORCH_CHECK(a.M <= 16, "qoq GEMM: the GEMV path serves M <= 16, got M=", a.M);
+    return 5;
+  }
+  if (requested == 0 && a.M <= gemv_max_m()) return 5;
   if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
   if (requested == 1) return 1;
   TORCH_CHECK(requested >= 2 && requested <= 4, "qoq GEMM: unknown kernel path ", requested);
@@ -178,7 +197,9 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const int path = choose_path(a, requested_path, dev.index(), stream);
-  if (path >= 3) {
+  if (path == 5) {
+    g128 ? w4a8_gemv_g128(a, ok, stream) : w4a8_gemv_chn(a, ok, stream);
+  } else if (path >= 3) {
     const bool cluster = path == 4;
     g128 ? w4a8_gemm_sm90_g128(a, ok, cluster, stream) : w4a8_gemm_sm90_chn(a, ok, cluster, stream);
   } else {
@@ -263,7 +284,8 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 
 // Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
 // path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a) as
-// configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast.
+// configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast, 5 = the dp4a
+// GEMV (M <= 16).
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {

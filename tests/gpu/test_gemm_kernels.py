@@ -88,8 +88,10 @@ def test_quantize_per_token_3d_and_ties():
 
 # ---------------------------------------------------------------- exact accumulators
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
-# tile through TMA multicast.  (2 = the wgmma default, one of 3/4; the real ops use it.)
-PATHS = [1, 3, 4]
+# tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
+# M <= VLLM_QOQ_GEMV_MAX_M, default 4).  (2 = the wgmma default, one of 3/4.)
+PATHS = [1, 3, 4, 5]
+GEMV_MAX_M = 16
 
 
 def _need_path(path):
@@ -118,6 +120,8 @@ def _acc_case(m, n, k, gs, seed, path=0):
 def test_int32_accumulators_exact(m, n, k, gs, path):
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
+    if path == 5 and m > GEMV_MAX_M:
+        pytest.skip("the GEMV serves M <= 16")
     _need_path(path)
     acc, want = _acc_case(m, n, k, gs, seed=m + n + k, path=path)
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
@@ -129,7 +133,7 @@ def test_int32_accumulators_exact(m, n, k, gs, path):
 @pytest.mark.parametrize("n", [80, 40])  # N % 32 != 0: padded kernel layout
 def test_int32_accumulators_padded_n(n, gs, path):
     _need_path(path)
-    for m in (1, 33, 300):
+    for m in (1, 33, 300) if path != 5 else (1, 5, 16):
         acc, want = _acc_case(m, n, 256, gs, seed=n + m, path=path)
         assert torch.equal(acc, want)
 
@@ -146,7 +150,7 @@ def test_g128_extreme_codes(path):
     kt = kl.to_kernel_layout(
         {"qweight": qw, "s1_scales": torch.ones(n, device=DEV, dtype=torch.float16),
          "s2_scales": s2, "s2_zeros": z}, 128)
-    qx = torch.full((20, k), -127, device=DEV, dtype=torch.int8)
+    qx = torch.full((20 if path != 5 else 16, k), -127, device=DEV, dtype=torch.int8)
     qx[::2] = 127
     _need_path(path)
     acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n, path)
@@ -189,6 +193,26 @@ def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
     assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
 
 
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 576), (1536, 4608), (28672, 4096)])
+def test_gemv_every_small_m(n, k, gs):
+    """The GEMV against the exact product for every M it serves (each register-tile size
+    with M below and at its capacity), incl. split-K over many CTAs and K % 128 != 0."""
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    for m in range(1, GEMV_MAX_M + 1):
+        acc, want = _acc_case(m, n, k, gs, seed=7 * m + n + k + gs, path=5)
+        assert torch.equal(acc, want), f"M={m}: {int((acc != want).sum())} differ"
+
+
+def test_gemv_refuses_large_m():
+    q = _weights(64, 256, -1, 3)
+    kt = kl.to_kernel_layout(q, -1)
+    qx = torch.zeros(17, 256, device=DEV, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="M <= 16"):
+        torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, 64, 5)
+
+
 def test_wgmma_kernels_present_on_hopper():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("not an sm_90 GPU")
@@ -196,7 +220,7 @@ def test_wgmma_kernels_present_on_hopper():
     assert torch.ops.qoq_debug.sm90_available()
 
 
-@pytest.mark.parametrize("m", [1, 100])  # split-K in the mma.sync (1) and wgmma (100) kernels
+@pytest.mark.parametrize("m", [1, 12, 100])  # split-K in the GEMV (1), mma.sync (12), wgmma (100)
 def test_split_k_workspace_self_cleans_and_graph_replay(m):
     n, k = 4096, 4096
     q = _weights(n, k, 128, 11)

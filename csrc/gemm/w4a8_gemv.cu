@@ -1,0 +1,242 @@
+// W4A8 GEMV for the decode regime (M <= 16): CUDA cores and dp4a instead of tensor cores.
+//
+// Why: at M = 1..4 an m16n8k32 MMA wastes 15/16..3/4 of its rows, and the mma.sync
+// kernel's tiles (staging, intra-CTA reduction, stream-K) cost more than the ~2.5-20 us
+// the weight bytes need at HBM speed.  Here every lane streams 16-byte words of the
+// kernel-layout weights straight into registers (no shared-memory staging) and multiplies
+// 4 codes x 4 activations per dp4a, so the kernel is a pure weight stream.
+//
+// Math (spec: vllm_qoq/reference/gemm.py; same int32 accumulator as the MMA kernels):
+//   per-channel: acc[m,n] = sum_k qx[m,k] * u[n,k]
+//   g128:        acc[m,n] = sum_k qx[m,k] * q8[n,k],  q8 = s2*(u - z)
+//                         = sum_g s2[n,g] * (sum_{k in g} u*qx  -  z[n,g] * sum_{k in g} qx)
+//   The second form is an exact integer identity; each lane applies it to its own share
+//   of a group's k (the zero term uses the sum of the activations that lane multiplied),
+//   and the lanes' shares add up to the whole group.  z*s2 comes from the kernel layout's
+//   pre-negated byte: zneg = (-z*s2) mod 256 with z*s2 <= 240 -> z*s2 = (256 - zneg) mod 256.
+//   Then the shared fp32 epilogue (gemm/epilogue.cuh), so outputs equal the other paths'.
+//
+// Layout (vllm_qoq/kernel_layout.py): the weights are 512-byte blocks (32 output x 32
+// input channels); lane l = 4*g + t reads 16 bytes = words j = 0..3 for output channel
+// n = 32*nc + 8*j + g, whose low nibbles are u[n, 32*kc + 4*t + 0..3] and high nibbles
+// u[n, 32*kc + 16 + 4*t + 0..3]: exactly the 4 int8 activations at qx[m, 32*kc + 4*t]
+// and at qx[m, 32*kc + 16 + 4*t] (natural layout, one 32-bit load each).
+//
+// Work split: CTA (nc, split) owns the 32 output channels of block nc and a range of
+// k-steps (a step = 4 k32 blocks = one g128 group); its 8 warps take the steps round-
+// robin, every lane issuing 4 independent 16-byte loads per step.  Partial sums: shuffles
+// over the 4 lanes of a channel, shared memory over warps, and -- with several splits --
+// exact int32 atomics into the shared split-K workspace, the last CTA of the block
+// finishing (and zeroing what it read: the workspace stays clean, CUDA-graph safe).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common/device.cuh"
+#include "common/launch.h"
+#include "gemm/epilogue.cuh"
+
+namespace qoq {
+namespace gemv {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStep = 4;  // k32 blocks per step (one g128 group)
+
+template <int MT, bool G128, OutKind OUT>
+__global__ void __launch_bounds__(kThreads) w4a8_gemv_kernel(const W4A8Args a, int steps_per_split) {
+  const int nc = blockIdx.x;
+  const int kblocks = a.K / 32;
+  const int kc_begin = blockIdx.y * steps_per_split * kStep;
+  const int kc_end = min(kblocks, kc_begin + steps_per_split * kStep);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  const uint4* wptr = reinterpret_cast<const uint4*>(a.qweight) +
+                      static_cast<int64_t>(nc) * kblocks * 32 + lane;
+  int32_t acc[MT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[m][j] = 0;
+
+  for (int kc = kc_begin + warp * kStep; kc < kc_end; kc += kWarps * kStep) {
+    uint4 w[kStep];
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      w[s] = kc + s < kc_end ? __ldcs(wptr + static_cast<int64_t>(kc + s) * 32)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
+    int32_t part[MT][4];
+    int32_t xsum[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      xsum[m] = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) part[m][j] = 0;
+    }
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      const int k = (kc + s) * 32 + 4 * t;
+      const bool kv = kc + s < kc_end;
+      const uint32_t ws[4] = {w[s].x, w[s].y, w[s].z, w[s].w};
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        int xlo = 0, xhi = 0;
+        if (kv && m < a.M) {
+          const int8_t* xr = a.qx + static_cast<int64_t>(m) * a.K + k;
+          xlo = __ldg(reinterpret_cast<const int*>(xr));
+          xhi = __ldg(reinterpret_cast<const int*>(xr + 16));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          part[m][j] = __dp4a(static_cast<int>(dev::lo_nibbles(ws[j])), xlo, part[m][j]);
+          part[m][j] = __dp4a(static_cast<int>(dev::hi_nibbles(ws[j])), xhi, part[m][j]);
+        }
+        if constexpr (G128) {
+          xsum[m] = __dp4a(0x01010101, xlo, xsum[m]);
+          xsum[m] = __dp4a(0x01010101, xhi, xsum[m]);
+        }
+      }
+    }
+    if constexpr (G128) {
+      // the step is group kc/4; lane g's word holds channels 8*j + g, j = byte
+      const int64_t off = static_cast<int64_t>(kc / kStep) * a.Np + nc * 32 + 4 * g;
+      const uint32_t s2w = __ldg(reinterpret_cast<const uint32_t*>(a.s2 + off));
+      const uint32_t znw = __ldg(reinterpret_cast<const uint32_t*>(a.zneg + off));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int s2 = static_cast<int>((s2w >> (8 * j)) & 0xFFu);
+        const int zs2 = (256 - static_cast<int>((znw >> (8 * j)) & 0xFFu)) & 0xFF;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[m][j] += s2 * part[m][j] - zs2 * xsum[m];
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[m][j] += part[m][j];
+    }
+  }
+
+  // ---- reduce: the 4 lanes of a channel, then the warps
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc[m][j] += __shfl_xor_sync(0xffffffffu, acc[m][j], 1);
+      acc[m][j] += __shfl_xor_sync(0xffffffffu, acc[m][j], 2);
+    }
+  __shared__ int32_t red[kWarps][MT][32];
+  if (t == 0) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[warp][m][8 * j + g] = acc[m][j];
+  }
+  __syncthreads();
+  const int tid = threadIdx.x;
+  constexpr int kOut = MT * 32;  // (m, c) outputs of this CTA, one per thread
+  static_assert(kOut <= kThreads || kOut % kThreads == 0, "outputs per thread");
+  int32_t v[(kOut + kThreads - 1) / kThreads];
+#pragma unroll
+  for (int i = 0; i < (kOut + kThreads - 1) / kThreads; ++i) {
+    const int o = tid + i * kThreads;
+    v[i] = 0;
+    if (o < kOut) {
+#pragma unroll
+      for (int w2 = 0; w2 < kWarps; ++w2) v[i] += red[w2][o / 32][o % 32];
+    }
+  }
+
+  // ---- across splits: int32 atomics, the last CTA of the block finishes
+  if (gridDim.y > 1) {
+    int32_t* ws = a.workspace;  // [M][Np] partial sums, then one counter per block
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + nc;
+#pragma unroll
+    for (int i = 0; i < (kOut + kThreads - 1) / kThreads; ++i) {
+      const int o = tid + i * kThreads;
+      if (o < kOut && o / 32 < a.M) atomicAdd(ws + static_cast<int64_t>(o / 32) * a.Np + nc * 32 + o % 32, v[i]);
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < (kOut + kThreads - 1) / kThreads; ++i) {
+      const int o = tid + i * kThreads;
+      if (o < kOut && o / 32 < a.M) {
+        int32_t* p = ws + static_cast<int64_t>(o / 32) * a.Np + nc * 32 + o % 32;
+        v[i] = __ldcg(p);
+        __stcg(p, 0);
+      }
+    }
+    if (tid == 0) *counter = 0;
+  }
+
+  // ---- epilogue
+#pragma unroll
+  for (int i = 0; i < (kOut + kThreads - 1) / kThreads; ++i) {
+    const int o = tid + i * kThreads;
+    const int m = o / 32, n = nc * 32 + o % 32;
+    if (o < kOut && m < a.M && n < a.N) epi::store1<G128, OUT>(a, m, n, v[i]);
+  }
+}
+
+template <int MT, bool G128, OutKind OUT>
+void launch(const W4A8Args& a, cudaStream_t stream) {
+  const int blocks = a.Np / 32;
+  const int kblocks = a.K / 32;
+  const int steps = (kblocks + kStep - 1) / kStep;
+  // Enough CTAs to cover the SMs a few times over (every lane keeps 4 x 16 bytes in
+  // flight, so ~4 resident CTAs per SM saturate HBM), but at least one step per warp.
+  const int target = 4 * a.num_sms;
+  int splits = std::max(1, std::min((target + blocks - 1) / blocks, steps / kWarps));
+  const int64_t need = static_cast<int64_t>(a.M) * a.Np + blocks;
+  if (a.workspace == nullptr || need > a.workspace_ints) splits = 1;
+  const int per = (steps + splits - 1) / splits;
+  splits = (steps + per - 1) / per;
+  dim3 grid(blocks, splits);
+  w4a8_gemv_kernel<MT, G128, OUT><<<grid, kThreads, 0, stream>>>(a, per);
+  QOQ_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool G128, OutKind OUT>
+void dispatch(const W4A8Args& a, cudaStream_t stream) {
+  if (a.M <= 1) {
+    launch<1, G128, OUT>(a, stream);
+  } else if (a.M <= 2) {
+    launch<2, G128, OUT>(a, stream);
+  } else if (a.M <= 4) {
+    launch<4, G128, OUT>(a, stream);
+  } else if (a.M <= 8) {
+    launch<8, G128, OUT>(a, stream);
+  } else {
+    launch<16, G128, OUT>(a, stream);
+  }
+}
+
+template <bool G128>
+void run(const W4A8Args& a, OutKind out, cudaStream_t stream) {
+  switch (out) {
+    case OutKind::F16: dispatch<G128, OutKind::F16>(a, stream); break;
+    case OutKind::BF16: dispatch<G128, OutKind::BF16>(a, stream); break;
+    case OutKind::I32: dispatch<G128, OutKind::I32>(a, stream); break;
+  }
+}
+
+}  // namespace gemv
+
+void w4a8_gemv_chn(const W4A8Args& a, OutKind out, cudaStream_t stream) {
+  gemv::run<false>(a, out, stream);
+}
+
+void w4a8_gemv_g128(const W4A8Args& a, OutKind out, cudaStream_t stream) {
+  gemv::run<true>(a, out, stream);
+}
+
+}  // namespace qoq
