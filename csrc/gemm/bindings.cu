@@ -96,7 +96,7 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
 // The GEMV (path 5) serves M <= this; VLLM_QOQ_GEMV_MAX_M overrides (0 turns it off, at
 // most 16).  The crossover with the mma.sync kernel: benchmarks/results/gemm-notes.md.
-constexpr int kGemvMaxM = 4;
+constexpr int kGemvMaxM = 2;
 int gemv_max_m() {
   static const int v = [] {
     const char* e = std::getenv("VLLM_QOQ_GEMV_MAX_M");
@@ -108,11 +108,9 @@ int gemv_max_m() {
 
 int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
   if (requested == 0) requested = forced_path();
-  if (requested == 5) {
-    TORCH_CHECK(a.M <= 16, "qoq GEMM: the GEMV path serves M <= 16, got M=", a.M);
-    return 5;
-  }
-  if (requested == 0 && a.M <= gemv_max_m()) return 5;
+  // the GEMV serves M <= 16 (VLLM_QOQ_GEMV_MAX_M caps at 16; the debug op checks its M)
+  if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m())) return 5;
+  if (requested == 5) requested = 0;
   if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
   if (requested == 1) return 1;
   TORCH_CHECK(requested >= 2 && requested <= 4, "qoq GEMM: unknown kernel path ", requested);
@@ -289,6 +287,8 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {
+  TORCH_CHECK(path != 5 || qx.size(0) <= 16, "qoq GEMM: the GEMV path (5) serves M <= 16, got M=",
+              qx.size(0));
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();
   at::Tensor sx = at::empty({qx.size(0)}, at::TensorOptions().dtype(at::kFloat).device(dev));

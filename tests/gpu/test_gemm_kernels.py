@@ -89,7 +89,7 @@ def test_quantize_per_token_3d_and_ties():
 # ---------------------------------------------------------------- exact accumulators
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
-# M <= VLLM_QOQ_GEMV_MAX_M, default 4).  (2 = the wgmma default, one of 3/4.)
+# M <= VLLM_QOQ_GEMV_MAX_M, default 2).  (2 = the wgmma default, one of 3/4.)
 PATHS = [1, 3, 4, 5]
 GEMV_MAX_M = 16
 
