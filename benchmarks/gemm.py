@@ -113,7 +113,8 @@ def build_qoq(variant, m, n, k, gen):
 def build_qoq_path(variant, path, m, n, k, gen):
     """One kernel path of the qoq GEMM, forced (qoq_debug::w4a8_acc: int32 accumulators
     out, no float epilogue): `--impls qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1)
-    with the GEMV (5); 3/4 = wgmma without/with CTA-pair multicast."""
+    with the dp4a GEMV (5); 6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma
+    without/with CTA-pair multicast."""
     from vllm_qoq import ops
 
     ops.register_ops()
@@ -121,9 +122,9 @@ def build_qoq_path(variant, path, m, n, k, gen):
         raise Skip(f"vllm_qoq._C not built: {ops.extension_error()}")
     if variant == "g128" and k % 128:
         raise Skip("g128 needs K % 128 == 0")
-    if path == 5 and m > 16:
-        raise Skip("the GEMV path serves M <= 16")
-    if path >= 2 and path != 5 and not torch.ops.qoq_debug.sm90_available():
+    if (path == 5 and m > 16) or (path == 6 and m > 32):
+        raise Skip(f"path {path} does not serve M={m}")
+    if path in (2, 3, 4) and not torch.ops.qoq_debug.sm90_available():
         raise Skip("no sm_90a kernels on this GPU/build")
     qx = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
     qweight = _rand_u8((n, k // 2), gen)

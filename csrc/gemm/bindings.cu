@@ -70,6 +70,7 @@ int forced_path() {
     if (std::strcmp(e, "sm90-nocluster") == 0) return 3;
     if (std::strcmp(e, "sm90-cluster") == 0) return 4;
     if (std::strcmp(e, "gemv") == 0) return 5;
+    if (std::strcmp(e, "mmv") == 0) return 6;
     return 0;
   }();
   return p;
@@ -94,23 +95,29 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed: on Hopper the wgmma kernels for M > 16, the mma.sync decode
 // kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
-// The GEMV (path 5) serves M <= this; VLLM_QOQ_GEMV_MAX_M overrides (0 turns it off, at
-// most 16).  The crossover with the mma.sync kernel: benchmarks/results/gemm-notes.md.
-constexpr int kGemvMaxM = 2;
+// The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2, at most 16), the
+// MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default 16, at most 32); 0 turns
+// either off.  The crossovers: benchmarks/results/gemm-notes.md (H100 sweeps).
+int env_int(const char* name, int dflt, int hi) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return dflt;
+  return std::max(0, std::min(hi, std::atoi(e)));
+}
 int gemv_max_m() {
-  static const int v = [] {
-    const char* e = std::getenv("VLLM_QOQ_GEMV_MAX_M");
-    if (e == nullptr || *e == '\0') return kGemvMaxM;
-    return std::max(0, std::min(16, std::atoi(e)));
-  }();
+  static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", 2, 16);
+  return v;
+}
+int mmv_max_m() {
+  static const int v = env_int("VLLM_QOQ_MMV_MAX_M", 16, 32);
   return v;
 }
 
 int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
   if (requested == 0) requested = forced_path();
-  // the GEMV serves M <= 16 (VLLM_QOQ_GEMV_MAX_M caps at 16; the debug op checks its M)
+  // the GEMV serves M <= 16, the MMV M <= 32 (the debug op checks M for forced paths)
   if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m())) return 5;
-  if (requested == 5) requested = 0;
+  if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m())) return 6;
+  if (requested >= 5) requested = 0;
   if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
   if (requested == 1) return 1;
   TORCH_CHECK(requested >= 2 && requested <= 4, "qoq GEMM: unknown kernel path ", requested);
@@ -195,8 +202,8 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const int path = choose_path(a, requested_path, dev.index(), stream);
-  if (path == 5) {
-    g128 ? w4a8_gemv_g128(a, ok, stream) : w4a8_gemv_chn(a, ok, stream);
+  if (path == 5 || path == 6) {
+    g128 ? w4a8_gemv_g128(a, ok, path == 6, stream) : w4a8_gemv_chn(a, ok, path == 6, stream);
   } else if (path >= 3) {
     const bool cluster = path == 4;
     g128 ? w4a8_gemm_sm90_g128(a, ok, cluster, stream) : w4a8_gemm_sm90_chn(a, ok, cluster, stream);
@@ -283,11 +290,13 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 // Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
 // path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a) as
 // configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast, 5 = the dp4a
-// GEMV (M <= 16).
+// GEMV (M <= 16), 6 = the mma.sync weight stream (M <= 32).
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
                           const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {
   TORCH_CHECK(path != 5 || qx.size(0) <= 16, "qoq GEMM: the GEMV path (5) serves M <= 16, got M=",
+              qx.size(0));
+  TORCH_CHECK(path != 6 || qx.size(0) <= 32, "qoq GEMM: the MMV path (6) serves M <= 32, got M=",
               qx.size(0));
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();

@@ -1,4 +1,5 @@
-// W4A8 GEMV for the decode regime (M <= 16): CUDA cores and dp4a instead of tensor cores.
+// W4A8 GEMV for the decode regime: CUDA cores and dp4a (M <= 16, path 5), and the same
+// weight stream into mma.sync (M <= 32, path 6, further down).
 //
 // Why: at M = 1..4 an m16n8k32 MMA wastes 15/16..3/4 of its rows, and the mma.sync
 // kernel's tiles (staging, intra-CTA reduction, stream-K) cost more than the ~2.5-20 us
@@ -187,7 +188,139 @@ __global__ void __launch_bounds__(kThreads) w4a8_gemv_kernel(const W4A8Args a, i
   }
 }
 
+// ---- The same weight stream feeding mma.sync m16n8k32 (path 6, "MMV"): for M up to 32
+// the dp4a loop above becomes ALU-bound, while one MMA per (16 rows, 8 channels, 32 k)
+// keeps the kernel a pure weight stream.  The kernel-layout word j of lane (g, t) is
+// exactly the B fragment of n8 tile j (b0 = low nibbles, b1 = high nibbles); the A
+// fragment rows g and g+8 of each m16 tile are 32-bit loads of qx (natural layout, L1).
+// g128: the codes become q8 = s2*(u - z) in registers (dev::dequant_g128), as in the
+// tiled kernels, so the accumulator is sum_k qx*q8 directly.
 template <int MT, bool G128, OutKind OUT>
+__global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, int steps_per_split) {
+  const int nc = blockIdx.x;
+  const int kblocks = a.K / 32;
+  const int kc_begin = blockIdx.y * steps_per_split * kStep;
+  const int kc_end = min(kblocks, kc_begin + steps_per_split * kStep);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  const uint4* wptr = reinterpret_cast<const uint4*>(a.qweight) +
+                      static_cast<int64_t>(nc) * kblocks * 32 + lane;
+  int32_t acc[MT][4][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+  for (int kc = kc_begin + warp * kStep; kc < kc_end; kc += kWarps * kStep) {
+    uint4 w[kStep];
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      w[s] = kc + s < kc_end ? __ldcs(wptr + static_cast<int64_t>(kc + s) * 32)
+                             : make_uint4(0u, 0u, 0u, 0u);
+    }
+    uint32_t s2w = 0, znw = 0;
+    if constexpr (G128) {
+      const int64_t off = static_cast<int64_t>(kc / kStep) * a.Np + nc * 32 + 4 * g;
+      s2w = __ldg(reinterpret_cast<const uint32_t*>(a.s2 + off));
+      znw = __ldg(reinterpret_cast<const uint32_t*>(a.zneg + off));
+    }
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      if (kc + s >= kc_end) break;
+      const int k = (kc + s) * 32 + 4 * t;
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = 16 * i + g + 8 * h;
+          uint32_t lo = 0, hi = 0;
+          if (m < a.M) {
+            const int8_t* xr = a.qx + static_cast<int64_t>(m) * a.K + k;
+            lo = __ldg(reinterpret_cast<const uint32_t*>(xr));
+            hi = __ldg(reinterpret_cast<const uint32_t*>(xr + 16));
+          }
+          af[i][h] = lo;      // a0 (row g) / a1 (row g+8): k = 4t..4t+3
+          af[i][2 + h] = hi;  // a2 / a3: k = 16+4t..
+        }
+      const uint32_t ws[4] = {w[s].x, w[s].y, w[s].z, w[s].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
+        if constexpr (G128) {
+          const uint32_t s2 = (s2w >> (8 * j)) & 0xFFu;
+          const uint32_t z4 = dev::splat_byte(znw, j);
+          b0 = dev::dequant_g128(b0, s2, z4);
+          b1 = dev::dequant_g128(b1, s2, z4);
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) dev::mma_s8_16832(acc[i][j], af[i], b0, b1);
+      }
+    }
+  }
+
+  // ---- reduce over warps: C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1];
+  // column c of n8 tile j is output channel 8*j + c of the block.
+  constexpr int kRows = 16 * MT;
+  __shared__ int32_t red[kWarps][kRows][32];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][16 * i + g + 8 * (e / 2)][8 * j + 2 * t + (e % 2)] = acc[i][j][e];
+  __syncthreads();
+  const int tid = threadIdx.x;
+  constexpr int kOut = kRows * 32;
+  constexpr int kPer = kOut / kThreads;
+  static_assert(kOut % kThreads == 0, "outputs per thread");
+  int32_t v[kPer];
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int o = tid + q * kThreads;
+    v[q] = 0;
+#pragma unroll
+    for (int w2 = 0; w2 < kWarps; ++w2) v[q] += red[w2][o / 32][o % 32];
+  }
+
+  if (gridDim.y > 1) {
+    int32_t* wsp = a.workspace;
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + nc;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int o = tid + q * kThreads;
+      if (o / 32 < a.M) atomicAdd(wsp + static_cast<int64_t>(o / 32) * a.Np + nc * 32 + o % 32, v[q]);
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int o = tid + q * kThreads;
+      if (o / 32 < a.M) {
+        int32_t* p = wsp + static_cast<int64_t>(o / 32) * a.Np + nc * 32 + o % 32;
+        v[q] = __ldcg(p);
+        __stcg(p, 0);
+      }
+    }
+    if (tid == 0) *counter = 0;
+  }
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int o = tid + q * kThreads;
+    const int m = o / 32, n = nc * 32 + o % 32;
+    if (m < a.M && n < a.N) epi::store1<G128, OUT>(a, m, n, v[q]);
+  }
+}
+
+template <int MT, bool G128, OutKind OUT, bool MMA>
 void launch(const W4A8Args& a, cudaStream_t stream) {
   const int blocks = a.Np / 32;
   const int kblocks = a.K / 32;
@@ -201,42 +334,52 @@ void launch(const W4A8Args& a, cudaStream_t stream) {
   const int per = (steps + splits - 1) / splits;
   splits = (steps + per - 1) / per;
   dim3 grid(blocks, splits);
-  w4a8_gemv_kernel<MT, G128, OUT><<<grid, kThreads, 0, stream>>>(a, per);
+  if constexpr (MMA) {
+    w4a8_mmv_kernel<MT, G128, OUT><<<grid, kThreads, 0, stream>>>(a, per);
+  } else {
+    w4a8_gemv_kernel<MT, G128, OUT><<<grid, kThreads, 0, stream>>>(a, per);
+  }
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
 template <bool G128, OutKind OUT>
-void dispatch(const W4A8Args& a, cudaStream_t stream) {
-  if (a.M <= 1) {
-    launch<1, G128, OUT>(a, stream);
+void dispatch(const W4A8Args& a, bool mma, cudaStream_t stream) {
+  if (mma) {
+    if (a.M <= 16) {
+      launch<1, G128, OUT, true>(a, stream);
+    } else {
+      launch<2, G128, OUT, true>(a, stream);
+    }
+  } else if (a.M <= 1) {
+    launch<1, G128, OUT, false>(a, stream);
   } else if (a.M <= 2) {
-    launch<2, G128, OUT>(a, stream);
+    launch<2, G128, OUT, false>(a, stream);
   } else if (a.M <= 4) {
-    launch<4, G128, OUT>(a, stream);
+    launch<4, G128, OUT, false>(a, stream);
   } else if (a.M <= 8) {
-    launch<8, G128, OUT>(a, stream);
+    launch<8, G128, OUT, false>(a, stream);
   } else {
-    launch<16, G128, OUT>(a, stream);
+    launch<16, G128, OUT, false>(a, stream);
   }
 }
 
 template <bool G128>
-void run(const W4A8Args& a, OutKind out, cudaStream_t stream) {
+void run(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
   switch (out) {
-    case OutKind::F16: dispatch<G128, OutKind::F16>(a, stream); break;
-    case OutKind::BF16: dispatch<G128, OutKind::BF16>(a, stream); break;
-    case OutKind::I32: dispatch<G128, OutKind::I32>(a, stream); break;
+    case OutKind::F16: dispatch<G128, OutKind::F16>(a, mma, stream); break;
+    case OutKind::BF16: dispatch<G128, OutKind::BF16>(a, mma, stream); break;
+    case OutKind::I32: dispatch<G128, OutKind::I32>(a, mma, stream); break;
   }
 }
 
 }  // namespace gemv
 
-void w4a8_gemv_chn(const W4A8Args& a, OutKind out, cudaStream_t stream) {
-  gemv::run<false>(a, out, stream);
+void w4a8_gemv_chn(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
+  gemv::run<false>(a, out, mma, stream);
 }
 
-void w4a8_gemv_g128(const W4A8Args& a, OutKind out, cudaStream_t stream) {
-  gemv::run<true>(a, out, stream);
+void w4a8_gemv_g128(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
+  gemv::run<true>(a, out, mma, stream);
 }
 
 }  // namespace qoq

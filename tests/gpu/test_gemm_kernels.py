@@ -89,9 +89,10 @@ def test_quantize_per_token_3d_and_ties():
 # ---------------------------------------------------------------- exact accumulators
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
-# M <= VLLM_QOQ_GEMV_MAX_M, default 2).  (2 = the wgmma default, one of 3/4.)
-PATHS = [1, 3, 4, 5]
-GEMV_MAX_M = 16
+# M <= VLLM_QOQ_GEMV_MAX_M, default 2); 6: the mma.sync weight stream (M <= 32; real ops
+# up to VLLM_QOQ_MMV_MAX_M, default 16).  (2 = the wgmma default, one of 3/4.)
+PATHS = [1, 3, 4, 5, 6]
+MAX_M = {5: 16, 6: 32}
 
 
 def _need_path(path):
@@ -120,8 +121,8 @@ def _acc_case(m, n, k, gs, seed, path=0):
 def test_int32_accumulators_exact(m, n, k, gs, path):
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
-    if path == 5 and m > GEMV_MAX_M:
-        pytest.skip("the GEMV serves M <= 16")
+    if m > MAX_M.get(path, m):
+        pytest.skip(f"path {path} serves M <= {MAX_M[path]}")
     _need_path(path)
     acc, want = _acc_case(m, n, k, gs, seed=m + n + k, path=path)
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
@@ -133,7 +134,7 @@ def test_int32_accumulators_exact(m, n, k, gs, path):
 @pytest.mark.parametrize("n", [80, 40])  # N % 32 != 0: padded kernel layout
 def test_int32_accumulators_padded_n(n, gs, path):
     _need_path(path)
-    for m in (1, 33, 300) if path != 5 else (1, 5, 16):
+    for m in (1, 33, 300) if path not in MAX_M else (1, 5, 16):
         acc, want = _acc_case(m, n, 256, gs, seed=n + m, path=path)
         assert torch.equal(acc, want)
 
@@ -193,24 +194,26 @@ def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
     assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
 
 
+@pytest.mark.parametrize("path", [5, 6])
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (96, 576), (1536, 4608), (28672, 4096)])
-def test_gemv_every_small_m(n, k, gs):
-    """The GEMV against the exact product for every M it serves (each register-tile size
-    with M below and at its capacity), incl. split-K over many CTAs and K % 128 != 0."""
+def test_weight_stream_every_small_m(n, k, gs, path):
+    """The GEMV (5) and MMV (6) against the exact product for every M they serve (each
+    register-tile size below and at its capacity), incl. split-K and K % 128 != 0."""
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
-    for m in range(1, GEMV_MAX_M + 1):
-        acc, want = _acc_case(m, n, k, gs, seed=7 * m + n + k + gs, path=5)
+    for m in range(1, MAX_M[path] + 1):
+        acc, want = _acc_case(m, n, k, gs, seed=7 * m + n + k + gs, path=path)
         assert torch.equal(acc, want), f"M={m}: {int((acc != want).sum())} differ"
 
 
-def test_gemv_refuses_large_m():
+@pytest.mark.parametrize("path", [5, 6])
+def test_weight_stream_refuses_large_m(path):
     q = _weights(64, 256, -1, 3)
     kt = kl.to_kernel_layout(q, -1)
-    qx = torch.zeros(17, 256, device=DEV, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match="M <= 16"):
-        torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, 64, 5)
+    qx = torch.zeros(MAX_M[path] + 1, 256, device=DEV, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=f"M <= {MAX_M[path]}"):
+        torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, 64, path)
 
 
 def test_wgmma_kernels_present_on_hopper():
@@ -220,7 +223,7 @@ def test_wgmma_kernels_present_on_hopper():
     assert torch.ops.qoq_debug.sm90_available()
 
 
-@pytest.mark.parametrize("m", [1, 12, 100])  # split-K in the GEMV (1), mma.sync (12), wgmma (100)
+@pytest.mark.parametrize("m", [1, 12, 100])  # split-K in the GEMV (1), MMV (12), wgmma (100)
 def test_split_k_workspace_self_cleans_and_graph_replay(m):
     n, k = 4096, 4096
     q = _weights(n, k, 128, 11)
