@@ -19,10 +19,12 @@ weights; only config.json's kv_cache_bits differs).  Runtimes:
              reference ops on vLLM's CPU backend) — the runtime users get;
   reference  PyTorch fake-quant (dequantized weights + reference per-token INT8
              activations; KV cache not quantized) — the math the runtime must match.
-A config that cannot be built for the model (SmolLM2's hidden size 576 is not a
-multiple of 128, so g128 cannot quantize q/k/v/o/gate/up) is recorded with value
-null and the reason.  Rows are appended to --out (replacing rows with the same
-model/config/metric/runtime), and a markdown table is written beside it.
+g128 quantizes every linear of SmolLM2: K that is not a multiple of 128 (hidden
+576) is stored zero-padded to one (576 -> 640; docs/format.md).  A config that
+cannot be built is recorded with value null and the converter's error.  Rows are
+merged into --out (replacing rows with the same model/config/metric/runtime), so
+a subset of --configs / --kv-bits / --runtimes can be (re)measured at a time, and
+a markdown table is written beside it.
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ def measure_all(ckpts: list[Path], runtime: str, args) -> dict[str, dict]:
 NOTES = [
     "wikitext2 = ../shared/data/wikitext-2-raw/wiki.test.raw, a reconstructed copy without blank lines: "
     "compare these numbers with each other, not with published WikiText-2 perplexities.",
-    "SmolLM2-135M has hidden size 576, not a multiple of 128: g128 cannot quantize q/k/v/o/gate/up, "
-    "so its g128 rows are n/a (g128 is exercised on the tiny test models and by the owner's GPU runs).",
+    "SmolLM2-135M has hidden size 576, not a multiple of 128: g128 stores K zero-padded to 640 for "
+    "q/k/v/gate/up/o (docs/format.md); down_proj (K=1536) needs no padding.",
     "runtime cpu-reference/vllm = vLLM 0.28 CPU backend with the vllm_qoq plugin (reference W4A8 ops; "
     "KV4 rows use the plugin's KV4 attention backend, reference ops on CPU); cpu-reference/fake-quant = "
     "PyTorch with dequantized weights + reference per-token INT8 activations (KV cache unquantized).",
@@ -168,8 +170,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
                 cells.append("")
             elif r["value"] is None:
                 note = r.get("note", "")
-                cells.append("n/a" + (" (K=576 not a multiple of 128)" if "multiple of 128" in note else
-                                      f" ({note[:60]})" if note else ""))
+                cells.append("n/a" + (f" ({note[:60]})" if note else ""))
             else:
                 cells.append(f"{r['value']:.3f}")
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")

@@ -156,6 +156,7 @@ def quantization_config(
     }
     if group_size == fmt.GROUP_SIZE_G128:
         cfg["protective_range"] = protective_range
+        cfg["k_padding"] = fmt.K_PADDING  # K stored zero-padded to a multiple of 128
     return cfg
 
 

@@ -117,8 +117,10 @@ def load_reference_model(model_dir: str, dtype=torch.float32, device="cpu", act_
         sd.update(load_file(str(f)))
     names = fmt.tensor_names(gs)
     quantized = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".qweight")})
-    for p in quantized:
-        sd[p + ".weight"] = fmt.dequantize_weight({n: sd.pop(f"{p}.{n}") for n in names}, gs)
+    mods = dict(model.named_modules())
+    for p in quantized:  # [N, K]: g128's zero padding of K is dropped
+        k = mods[p].in_features if p in mods else None
+        sd[p + ".weight"] = fmt.dequantize_weight({n: sd.pop(f"{p}.{n}") for n in names}, gs, k)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     if config.tie_word_embeddings and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -128,8 +130,6 @@ def load_reference_model(model_dir: str, dtype=torch.float32, device="cpu", act_
         raise ValueError(f"{d}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(device).eval()
     if act_quant:
-        mods = dict(model.named_modules())
-
         def fq(_, args):  # per-token symmetric INT8 (vllm_qoq/reference): what the runtime does
             x = args[0]
             qx, sx, _ = quantize_activation(x.reshape(-1, x.shape[-1]))

@@ -3,7 +3,8 @@
     python -m converters.quantize --model IN_DIR --out OUT_DIR [--group-size -1|128]
         [--recipe rtn|qoq] [--kv-bits 4|8|16] [--skip NAME ...] [--fake-quant]
 
---recipe rtn (default) streams the checkpoint tensor by tensor with
+g128 takes any input size K: it is stored zero-padded to a multiple of 128
+(docs/format.md).  --recipe rtn (default) streams the checkpoint tensor by tensor with
 round-to-nearest (no calibration, little memory).  --recipe qoq runs the full
 QoQ recipe (converters/recipe, docs/recipe.md).  --fake-quant writes the
 dequantized weights as an ordinary unquantized checkpoint instead: the float
@@ -86,7 +87,8 @@ def convert_rtn(args) -> Path:
                 raise io.ConversionError(f"{src}: {e}") from None
             q = quantize_weight(t, gs)
             if args.fake_quant:
-                w.add(name, fmt.dequantize_weight(q, gs).to(out_dtype))
+                # the float weight the checkpoint represents: [N, K] (g128 drops its K padding)
+                w.add(name, fmt.dequantize_weight(q, gs, t.shape[1]).to(out_dtype))
             else:
                 for suffix, qt in q.items():
                     w.add(f"{prefix}.{suffix}", qt)

@@ -22,6 +22,8 @@ OURS = {
 def test_our_schema():
     c = QoQConfig.from_config(OURS)
     assert (c.group_size, c.kv_cache_bits, c.layout) == (128, 4, "qoq")
+    assert c.k_padding is None  # a checkpoint that does not say it pads K
+    assert QoQConfig.from_config({**OURS, "k_padding": "zeros"}).k_padding == "zeros"
     assert c.modules_to_not_convert == ["lm_head"]
     assert QoQConfig.get_supported_act_dtypes() == [torch.float16, torch.bfloat16]
     assert QoQConfig.get_min_capability() == 80
@@ -43,6 +45,7 @@ def test_sglang_schema(gs):
         ({"format_version": 9}, "format_version 9 is not supported"),
         ({"zero_point": "pre_scale"}, "zero_point"),
         ({"protective_range": 300}, "protective_range"),
+        ({"k_padding": "replicate"}, "k_padding 'replicate' is not understood"),
         ({"bogus": 1}, r"unknown field\(s\) \['bogus'\]"),
         ({"modules_to_not_convert": "lm_head"}, "must be a list"),
         ({"quant_method": "awq"}, "expected 'qoq'"),
@@ -92,10 +95,33 @@ def test_float32_activations_refused_with_fix():
         method.create_weights(torch.nn.Module(), 256, [256], 256, 256, torch.float32)
 
 
-def test_wrong_group_size_for_layer_names_layer():
-    method = QoQLinearMethod(QoQConfig(group_size=128), prefix="model.layers.0.mlp.down_proj")
-    with pytest.raises(ValueError, match=r"down_proj.*K=576.*not a multiple of 128"):
+def test_g128_k_not_multiple_of_128_needs_the_padding_declared(tp):
+    # a checkpoint that says "k_padding": "zeros" (every g128 checkpoint we write) gets padded shapes
+    padded = QoQConfig.from_config({**OURS, "k_padding": "zeros"})
+    layer = torch.nn.Module()
+    QoQLinearMethod(padded, prefix="model.layers.0.mlp.up_proj").create_weights(
+        layer, 576, [256], 576, 256, torch.float16)
+    assert layer.qweight.shape == (256, 320) and layer.s2_scales.shape == (256, 5)
+    assert layer.qoq_in_features == 576 and layer.qoq_k_pad == 64
+    # one that does not say it cannot be read as the padded layout
+    method = QoQLinearMethod(QoQConfig.from_config(OURS), prefix="model.layers.0.mlp.up_proj")
+    with pytest.raises(ValueError, match=r"up_proj: K=576 is not a multiple of 128.*k_padding.*re-convert"):
         method.create_weights(torch.nn.Module(), 576, [256], 576, 256, torch.float16)
+    # ... which matters only where K % 128 != 0
+    layer = torch.nn.Module()
+    method.create_weights(layer, 512, [256], 512, 256, torch.float16)
+    assert layer.qweight.shape == (256, 256) and layer.qoq_k_pad == 0
+    # QServe's layout cannot hold such a K at all
+    qs = QoQConfig.from_config({"quant_method": "qoq", "wbits": 4, "group_size": 128})
+    with pytest.raises(ValueError, match=r"down_proj: K=576 .*QServe-layout"):
+        QoQLinearMethod(qs, prefix="model.layers.0.mlp.down_proj").create_weights(
+            torch.nn.Module(), 576, [256], 576, 256, torch.float16)
+
+
+def test_per_channel_odd_k_names_layer():
+    method = QoQLinearMethod(QoQConfig(group_size=-1), prefix="model.layers.0.mlp.down_proj")
+    with pytest.raises(ValueError, match=r"down_proj.*K=577 is odd"):
+        method.create_weights(torch.nn.Module(), 577, [256], 577, 256, torch.float16)
 
 
 @pytest.mark.parametrize("gs", [-1, 128])

@@ -32,6 +32,7 @@ def test_rtn_output_is_our_format(tiny, tmp_path, gs):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "qoq" and cfg["group_size"] == gs and cfg["format_version"] == 1
     assert cfg["modules_to_not_convert"] == ["layers.1.mlp.down_proj"]
+    assert cfg.get("k_padding") == ("zeros" if gs == 128 else None)
     assert (out / "tokenizer.json").is_file()
     sd = load_file(str(out / "model.safetensors"))
     src = load_file(str(tiny / "model.safetensors"))
@@ -91,17 +92,46 @@ def test_refuses_already_quantized(tiny, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
 
 
-def test_g128_on_bad_k_names_layer_and_leaves_nothing(tmp_path, capsys):
+def _k576_model(d: Path, intermediate: int = 256) -> Path:
+    """SmolLM2's attention shapes (hidden 576, 9 heads / 3 KV heads of 64), one layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    src = tmp_path / "k576"
-    cfg = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=256, num_hidden_layers=1,
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=intermediate, num_hidden_layers=1,
                       num_attention_heads=9, num_key_value_heads=3)
-    LlamaForCausalLM(cfg).save_pretrained(str(src))
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    return d
+
+
+def test_g128_pads_k_576(tmp_path):
+    src = _k576_model(tmp_path / "k576", intermediate=200)
+    q, fq = tmp_path / "q", tmp_path / "fq"
+    assert quantize.main(["--model", str(src), "--out", str(q), "--group-size", "128"]) == 0
+    assert quantize.main(["--model", str(src), "--out", str(fq), "--group-size", "128", "--fake-quant"]) == 0
+    assert json.loads((q / "config.json").read_text())["quantization_config"]["k_padding"] == "zeros"
+    sd, sf = load_file(str(q / "model.safetensors")), load_file(str(fq / "model.safetensors"))
+    ref = load_file(str(src / "model.safetensors"))
+    for name, k in (("self_attn.q_proj", 576), ("self_attn.o_proj", 576), ("mlp.up_proj", 576),
+                    ("mlp.down_proj", 200)):
+        p = f"model.layers.0.{name}"
+        w = ref[f"{p}.weight"].float()
+        layer = {n: sd[f"{p}.{n}"] for n in fmt.G128_TENSORS}
+        kp = fmt.padded_k(k, 128)
+        assert layer["qweight"].shape == (w.shape[0], kp // 2) and layer["s2_zeros"].shape[1] == kp // 128
+        fmt.validate_layer(layer, 128, p, k=k)  # incl. the zero codes of the padding
+        deq = fmt.dequantize_weight(layer, 128, k)
+        assert (deq - w).norm() / w.norm() < 0.2
+        # the fake-quant export is the [N, K] float weight the checkpoint represents
+        assert sf[f"{p}.weight"].shape == w.shape
+        assert torch.equal(sf[f"{p}.weight"], deq.to(sf[f"{p}.weight"].dtype))
+
+
+def test_per_channel_odd_k_names_layer_and_leaves_nothing(tmp_path, capsys):
+    src = _k576_model(tmp_path / "k577", intermediate=255)  # down_proj K=255: odd
     out = tmp_path / "o"
-    assert quantize.main(["--model", str(src), "--out", str(out), "--group-size", "128"]) == 2
+    assert quantize.main(["--model", str(src), "--out", str(out), "--group-size", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "K=576" in err and "model.layers.0." in err and "--group-size -1" in err
+    assert "K=255" in err and "model.layers.0.mlp.down_proj" in err and "--group-size 128" in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]  # no leftovers
 

@@ -61,10 +61,56 @@ def test_g128_invariants_hold_with_outliers():
     assert torch.equal(wh[5, 128:256], torch.zeros(128))
 
 
-def test_g128_needs_k_multiple_of_128():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        quantize_weight(torch.randn(32, 576), 128)
-    quantize_weight(torch.randn(32, 576), -1)  # per-channel is fine (SmolLM2 K = 576)
+@pytest.mark.parametrize("k", [576, 200, 77, 1536])
+def test_g128_pads_k_with_zero_codes(k):
+    torch.manual_seed(k)
+    n = 48
+    kp = -(-k // 128) * 128
+    w = torch.randn(n, k)
+    q = quantize_weight(w, 128)
+    assert q["qweight"].shape == (n, kp // 2)
+    assert q["s2_scales"].shape == q["s2_zeros"].shape == (n, kp // 128)
+    fmt.validate_layer(q, 128, "layer", k=k)
+    # the padding columns hold the zero code of their group: q8 = 0 exactly
+    u = fmt.unpack_int4(q["qweight"])
+    assert torch.equal(u[:, k:], q["s2_zeros"][:, -1:].expand(n, kp - k))
+    q8 = fmt.int8_weight_g128(q["qweight"], q["s2_scales"], q["s2_zeros"])
+    assert not q8[:, k:].any()
+    # it is exactly the quantization of the zero-padded weight (a group's range holds 0)
+    qp = quantize_weight(torch.nn.functional.pad(w, (0, kp - k)), 128)
+    assert all(torch.equal(q[name], qp[name]) for name in q)
+    full = fmt.dequantize_weight(q, 128)
+    assert full.shape == (n, kp) and not full[:, k:].any()
+    wh = fmt.dequantize_weight(q, 128, k)
+    assert wh.shape == (n, k) and torch.equal(wh, full[:, :k])
+    assert (wh - w).norm() / w.norm() < 0.2
+    with pytest.raises(ValueError, match="stores"):
+        fmt.dequantize_weight(q, 128, kp + 1)
+
+
+def test_g128_padding_is_validated():
+    k = 200
+    q = quantize_weight(torch.randn(32, k), 128)
+    with pytest.raises(ValueError, match=r"up_proj.qweight: expected uint8 \[32, 192\] for input size K=300"):
+        fmt.validate_layer(q, 128, "up_proj", k=300)  # the tensors of another K
+    u = fmt.unpack_int4(q["qweight"])
+    u[5, 230] = (int(u[5, 230]) + 1) % 16  # a padding column that is not weight 0
+    bad = dict(q, qweight=fmt.pack_int4(u))
+    fmt.validate_layer(bad, 128, "up_proj")  # structurally fine without K ...
+    with pytest.raises(ValueError, match="up_proj.qweight: the padding columns 200..255 must hold the zero code"):
+        fmt.validate_layer(bad, 128, "up_proj", k=k)  # ... but not a K=200 layer
+    unpadded = {**q, "qweight": q["qweight"][:, :100], "s2_scales": q["s2_scales"][:, :1],
+                "s2_zeros": q["s2_zeros"][:, :1]}
+    with pytest.raises(ValueError, match="K=200 codes per row, not a multiple of 128"):
+        fmt.validate_layer(unpadded, 128, "up_proj")
+
+
+def test_per_channel_k_is_not_padded():
+    q = quantize_weight(torch.randn(32, 576), -1)
+    assert q["qweight"].shape == (32, 288)
+    assert fmt.padded_k(576, -1) == 576 and fmt.padded_k(576, 128) == 640 and fmt.padded_k(640, 128) == 640
+    with pytest.raises(ValueError, match="odd"):
+        quantize_weight(torch.randn(32, 77), -1)
 
 
 def test_activation_quant_properties():
@@ -76,6 +122,27 @@ def test_activation_quant_properties():
     assert torch.equal(qsum, qx.int().sum(1))
     err = (dequantize_activation(qx, sx) - x.float()).abs()
     assert (err <= 0.5 * sx[:, None] + 1e-6).all()
+
+
+@pytest.mark.parametrize("k", [576, 200, 77, 1536])
+def test_g128_gemm_on_padded_k_equals_unpadded_math(k):
+    """quantize -> pack -> reference GEMM on zero-padded activations = fake-quant math on [N, K]."""
+    torch.manual_seed(k)
+    n, m = 40, 7
+    w = torch.randn(n, k) * 0.05
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    q = quantize_weight(w, 128)
+    qx, sx, _ = quantize_activation(x)
+    qxp, sxp, _ = quantize_activation(fmt.pad_k(x, 128))
+    assert torch.equal(qxp[:, :k], qx) and not qxp[:, k:].any() and torch.equal(sxp, sx)
+    y = ref.w4a8_g128_gemm(qxp, sxp, q["qweight"], q["s1_scales"], q["s2_scales"], q["s2_zeros"],
+                           None, torch.float32)
+    expect = dequantize_activation(qx, sx).double() @ fmt.dequantize_weight(q, 128, k).double().t()
+    torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    if k % 128:
+        with pytest.raises(ValueError, match="pad the activations"):
+            ref.w4a8_g128_gemm(qx, sx, q["qweight"], q["s1_scales"], q["s2_scales"], q["s2_zeros"],
+                               None, torch.float32)
 
 
 @pytest.mark.parametrize("gs", [-1, 128])

@@ -236,3 +236,36 @@ def test_qserve_peak_check_catches_misplaced_scales():
     u[:, 0], u[:, 1] = 0, 15  # 8 * (0 - 8) = -64 ... with s2 = 15: -120 reaches the range
     ok = {**layer, "qweight": fmt.pack_int4(u), "s2_scales": torch.full((n, 2), 15, dtype=torch.uint8)}
     assert qserve.check_g128_layer(ok, "x")["rows_at_range"] == 1.0
+
+
+# ------------------------------------------------------- g128, K % 128 != 0
+def test_deepcompressor_g128_partial_last_group_is_padded():
+    """K=200: deepcompressor's ceil(K/128) groups become our zero-padded layout, exactly."""
+    n, k = 64, 200
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.05
+    ref = quantize_weight(w, 128)  # our padded RTN: [n, 128] codes, 2 groups
+    w_hat = fmt.dequantize_weight(ref, 128, k).half()
+    s1 = ref["s1_scales"].view(n, 1, 1, 1)
+    s2 = ref["s2_scales"].half().view(n, 1, 2, 1)
+    z = ref["s2_zeros"].half().view(n, 1, 2, 1)
+    ours, info = dc.import_g128(w_hat.float(), s1, s2, z, None, "model.layers.0.mlp.down_proj")
+    for name in fmt.G128_TENSORS:
+        assert torch.equal(ours[name], ref[name]), name
+    fmt.validate_layer(ours, 128, "down_proj", k=k)
+    with pytest.raises(dc.ImportError_, match=r"scale.1: expected 128 values"):
+        dc.import_g128(w_hat.float(), s1, s2[:, :, :1], z, None, "model.layers.0.mlp.down_proj")
+
+
+def test_qserve_g128_refuses_k_not_multiple_of_128(tmp_path, capsys):
+    d = _config_dir(tmp_path / "qs")
+    sd = dict(_floats())
+    p = "model.layers.0.mlp.down_proj"
+    sd.update({f"{p}.qweight": torch.zeros(64, 48, dtype=torch.int8),  # K = 96
+               f"{p}.s1_scales": torch.ones(64, dtype=torch.float16),
+               f"{p}.s2_scales": torch.ones(1, 64, dtype=torch.int8),
+               f"{p}.s2_zeros": torch.zeros(1, 64, dtype=torch.int8)})
+    torch.save(sd, d / "pytorch_model.bin")
+    assert qserve.main(["--model", str(d), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}: K=96 is not a multiple of 128" in err
+    assert not (tmp_path / "o").exists()

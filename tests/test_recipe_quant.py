@@ -41,9 +41,9 @@ def test_hessian_accumulator_is_the_mean_outer_product():
     torch.testing.assert_close(h, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("gs", GS)
-def test_gptq_with_diagonal_hessian_is_reference_rtn(gs):
-    w, _, _ = _problem()
+@pytest.mark.parametrize("gs,k", [(-1, 256), (128, 256), (128, 200)])
+def test_gptq_with_diagonal_hessian_is_reference_rtn(gs, k):
+    w, _, _ = _problem(k=k)
     h = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5)
     q, r = gptq_quantize(w, h, gs), quantize_weight(w, gs)
     assert q.keys() == r.keys()
@@ -51,38 +51,38 @@ def test_gptq_with_diagonal_hessian_is_reference_rtn(gs):
         assert torch.equal(q[name], r[name]), name
 
 
-@pytest.mark.parametrize("gs", GS)
-def test_fake_quantize_is_bit_identical_to_reference(gs):
-    w, _, _ = _problem(seed=5)
+@pytest.mark.parametrize("gs,k", [(-1, 256), (128, 256), (128, 576)])
+def test_fake_quantize_is_bit_identical_to_reference(gs, k):
+    w, _, _ = _problem(k=k, seed=5)
     for ratio in (None, torch.linspace(0.5, 1.0, w.shape[0])):
-        ref = fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs)
+        ref = fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs, k)
         assert torch.equal(fake_quantize(w, gs, ratio), ref)
 
 
-@pytest.mark.parametrize("gs", GS)
-def test_gptq_reduces_layer_error_vs_rtn(gs):
-    w, x, h = _problem()
+@pytest.mark.parametrize("gs,k", [(-1, 256), (128, 256), (128, 200)])
+def test_gptq_reduces_layer_error_vs_rtn(gs, k):
+    w, x, h = _problem(k=k)
     q = gptq_quantize(w, h, gs)
-    fmt.validate_layer(q, gs, "gptq")
-    e_gptq = relative_error(w, fmt.dequantize_weight(q, gs), h)
-    e_rtn = relative_error(w, fmt.dequantize_weight(quantize_weight(w, gs), gs), h)
+    fmt.validate_layer(q, gs, "gptq", k=k)  # g128 K=200: padded to 256 with zero codes
+    e_gptq = relative_error(w, fmt.dequantize_weight(q, gs, k), h)
+    e_rtn = relative_error(w, fmt.dequantize_weight(quantize_weight(w, gs), gs, k), h)
     assert e_gptq < 0.8 * e_rtn
     # the H-based error is the true output error on the calibration inputs
-    d = x @ (w - fmt.dequantize_weight(q, gs)).T
+    d = x @ (w - fmt.dequantize_weight(q, gs, k)).T
     assert abs(float(d.pow(2).sum() / (x @ w.T).pow(2).sum()) - e_gptq) < 1e-3 * e_gptq + 1e-9
 
 
-@pytest.mark.parametrize("gs", GS)
-def test_clipping_never_increases_error(gs):
-    w, _, h = _problem(seed=2)
+@pytest.mark.parametrize("gs,k", [(-1, 256), (128, 256), (128, 200)])
+def test_clipping_never_increases_error(gs, k):
+    w, _, h = _problem(k=k, seed=2)
     ratio = clip_search(w, h, gs, steps=20)
     assert ratio.shape == (w.shape[0],) and float(ratio.max()) <= 1.0 and float(ratio.min()) >= 0.2
-    e_rtn = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs), gs), h)
-    e_clip = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs), h)
+    e_rtn = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs), gs, k), h)
+    e_clip = output_error(w, fmt.dequantize_weight(rtn_quantize(w, gs, ratio), gs, k), h)
     assert bool((e_clip <= e_rtn * (1 + 1e-5)).all())  # per output channel (search runs in fp32)
     assert float(e_clip.sum()) < float(e_rtn.sum())  # and it helps somewhere
-    # GPTQ on top of the clipped parameters stays a valid layer
-    fmt.validate_layer(gptq_quantize(w, h, gs, ratio), gs, "gptq+clip")
+    # GPTQ on top of the clipped parameters stays a valid layer (padding included)
+    fmt.validate_layer(gptq_quantize(w, h, gs, ratio), gs, "gptq+clip", k=k)
 
 
 def test_g128_gptq_keeps_int8_invariant():
@@ -130,11 +130,14 @@ def _model(kind):
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
               num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    if kind == "llama-k192":  # no K a multiple of 128: g128 pads every linear
+        kind = "llama"
+        kw.update(hidden_size=192, intermediate_size=320, num_attention_heads=6)
     m = (LlamaForCausalLM(LlamaConfig(**kw)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw)))
     return m.float().eval()
 
 
-@pytest.mark.parametrize("kind,gs", [("llama", -1), ("llama", 128), ("qwen2", 128)])
+@pytest.mark.parametrize("kind,gs", [("llama", -1), ("llama", 128), ("qwen2", 128), ("llama-k192", 128)])
 def test_run_qoq_end_to_end(kind, gs):
     m = _model(kind)
     ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(4))
@@ -145,10 +148,10 @@ def test_run_qoq_end_to_end(kind, gs):
     res = run_qoq(m, None, ids, gs, opts)
     assert len(res.quantized) == 13  # 2 layers x 7 linears, minus the skipped one
     for prefix, q in res.quantized.items():
-        fmt.validate_layer(q, gs, prefix)
-        # the model now holds exactly the dequantized weights (fake quant)
         lin = dict(m.named_modules())[prefix]
-        assert torch.equal(lin.weight, fmt.dequantize_weight(q, gs))
+        fmt.validate_layer(q, gs, prefix, k=lin.in_features)
+        # the model now holds exactly the dequantized weights (fake quant), [N, K]
+        assert torch.equal(lin.weight, fmt.dequantize_weight(q, gs, lin.in_features))
         assert prefix + ".weight" not in res.floats
     assert "model.layers.1.mlp.down_proj.weight" in res.floats
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(res.floats)
@@ -178,12 +181,12 @@ def test_run_qoq_options_disable_steps():
     assert T.head_dims(m) == (8, 2, 32)
 
 
-def test_run_qoq_refuses_g128_for_k_not_multiple_of_128_before_any_work():
+def test_run_qoq_refuses_per_channel_odd_k_before_any_work():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=256, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=255, num_hidden_layers=1,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=32)
     m = LlamaForCausalLM(cfg).float().eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ValueError, match="multiple of 128"):
-        run_qoq(m, None, torch.randint(0, 64, (2, 16)), 128, QoQOptions(progress=False, device="cpu"))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj: input size K=255 is odd"):
+        run_qoq(m, None, torch.randint(0, 64, (2, 16)), -1, QoQOptions(progress=False, device="cpu"))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -36,6 +36,7 @@ _OURS = {
     "kv_cache_bits",
     "zero_point",
     "protective_range",
+    "k_padding",
     "modules_to_not_convert",
     "recipe",
 }
@@ -59,6 +60,7 @@ class QoQConfig(QuantizationConfig):
         layout: str = "qoq",
         protective_range: int = fmt.DEFAULT_PROTECTIVE_RANGE,
         recipe: dict | None = None,
+        k_padding: str | None = fmt.K_PADDING,
     ) -> None:
         super().__init__()
         if group_size not in fmt.SUPPORTED_GROUP_SIZES:
@@ -71,11 +73,14 @@ class QoQConfig(QuantizationConfig):
         self.layout = layout
         self.protective_range = protective_range
         self.recipe = dict(recipe or {})
+        # "zeros": g128 layers with K % 128 != 0 are stored zero-padded (format.py);
+        # None: the checkpoint does not say so (older files; QServe layout).
+        self.k_padding = k_padding
 
     def __repr__(self) -> str:
         return (
             f"QoQConfig(group_size={self.group_size}, kv_cache_bits={self.kv_cache_bits}, "
-            f"layout={self.layout}, modules_to_not_convert={self.modules_to_not_convert})"
+            f"layout={self.layout}, k_padding={self.k_padding}, modules_to_not_convert={self.modules_to_not_convert})"
         )
 
     @classmethod
@@ -133,6 +138,13 @@ class QoQConfig(QuantizationConfig):
         pr = config.get("protective_range", fmt.DEFAULT_PROTECTIVE_RANGE)
         if not isinstance(pr, int) or not 1 <= pr <= 127:
             _fail(f"protective_range {pr!r} must be an integer in 1..127")
+        k_padding = config.get("k_padding")
+        if k_padding not in (None, fmt.K_PADDING):
+            _fail(
+                f"k_padding {k_padding!r} is not understood by this vllm_qoq (it reads "
+                f"{fmt.K_PADDING!r}: g128 K zero-padded to a multiple of 128); upgrade vllm_qoq "
+                "or re-convert the model"
+            )
         return cls(
             group_size=gs,
             kv_cache_bits=config.get("kv_cache_bits", 16),
@@ -140,6 +152,7 @@ class QoQConfig(QuantizationConfig):
             layout="qoq",
             protective_range=pr,
             recipe=config.get("recipe"),
+            k_padding=k_padding,
         )
 
     @classmethod
@@ -156,6 +169,7 @@ class QoQConfig(QuantizationConfig):
             modules_to_not_convert=cls._module_list(config),
             layout="qserve",
             protective_range=fmt.DEFAULT_PROTECTIVE_RANGE,
+            k_padding=None,
         )
 
     @staticmethod

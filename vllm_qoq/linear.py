@@ -7,6 +7,11 @@ gate/up loading are vLLM's own:
   scales/szeros/s1_scales         ChannelQuantScaleParameter [N] (replicated in
                                   row-parallel layers, sliced in column-parallel)
   s2_scales/s2_zeros              GroupQuantScaleParameter [N, K/128]
+g128 layers whose K is not a multiple of 128 are stored with K zero-padded to
+Kp = ceil(K/128)*128 (format.py): the parameters get the padded shapes and
+apply() pads the activations with zeros to Kp (exactly the unpadded product).
+Only unsplit K can be padded: a row-parallel layer split over tensor-parallel
+ranks needs a per-rank K that is a multiple of 128.
 QServe-layout checkpoints (SGLang schema) declare QServe's names and shapes and
 are converted to ours in process_weights_after_loading, which then hands the
 tensors to ops.prepare_weights for any kernel-specific reordering.
@@ -87,7 +92,8 @@ class QoQLinearMethod(LinearMethodBase):
         gs = self.quant_config.group_size
         n = sum(output_partition_sizes)
         k = input_size_per_partition
-        fmt.check_k(k, gs, f"{where}, per tensor-parallel rank")
+        self._check_k(k, input_size, gs, where)
+        kp = fmt.padded_k(k, gs)
         loader = extra_weight_attrs.get("weight_loader")
         # Track which shards each parameter received, so that a checkpoint missing
         # a tensor is refused by name (vLLM does not check quantized layers).
@@ -98,12 +104,13 @@ class QoQLinearMethod(LinearMethodBase):
         layer.qoq_group_size = gs
         layer.qoq_out_features = n
         layer.qoq_in_features = k
+        layer.qoq_k_pad = kp - k  # zero columns apply() appends to the activations
 
         if self.quant_config.layout == "qserve":
             self._create_qserve(layer, n, k, input_size, gs, loader, where)
             return
 
-        layer.register_parameter("qweight", self._packed(n, k, torch.uint8, loader))
+        layer.register_parameter("qweight", self._packed(n, kp, torch.uint8, loader))
         if gs == -1:
             for name in ("scales", "szeros"):
                 layer.register_parameter(name, self._channel(n, loader))
@@ -113,12 +120,41 @@ class QoQLinearMethod(LinearMethodBase):
                 layer.register_parameter(
                     name,
                     GroupQuantScaleParameter(
-                        data=torch.empty(n, k // fmt.GROUP_SIZE_G128, dtype=torch.uint8),
+                        data=torch.empty(n, kp // fmt.GROUP_SIZE_G128, dtype=torch.uint8),
                         input_dim=1,
                         output_dim=0,
                         weight_loader=loader,
                     ),
                 )
+
+    def _check_k(self, k: int, input_size: int, gs: int, where: str) -> None:
+        """Refuse (naming the layer and the fix) a per-rank K this checkpoint cannot serve."""
+        if gs == -1:
+            fmt.check_k(k, gs, f"qoq: {where}, per tensor-parallel rank")
+            return
+        if k % fmt.GROUP_SIZE_G128 == 0:
+            return
+        if k != input_size:
+            raise ValueError(
+                f"qoq: {where}: row-parallel layer with K={input_size} split over tensor-parallel "
+                f"ranks into K={k} per rank, not a multiple of 128: a g128 checkpoint can only be "
+                "split along K in multiples of 128 (K is padded to 128 as a whole, not per rank); "
+                "serve it with --tensor-parallel-size 1 (or one that splits K into multiples of "
+                "128), or convert the model with --group-size -1 (per-channel)"
+            )
+        if self.quant_config.layout == "qserve":
+            raise ValueError(
+                f"qoq: {where}: K={k} is not a multiple of 128, which a QServe-layout g128 "
+                "checkpoint cannot hold; quantize the float model with `python -m "
+                "converters.quantize --group-size 128` instead"
+            )
+        if self.quant_config.k_padding != fmt.K_PADDING:
+            raise ValueError(
+                f"qoq: {where}: K={k} is not a multiple of 128 and the checkpoint's "
+                f"quantization_config does not say \"k_padding\": \"{fmt.K_PADDING}\", so its g128 "
+                "tensors cannot be read as the zero-padded layout this vllm_qoq serves; re-convert "
+                "the model with this vllm_qoq (`python -m converters.quantize --group-size 128`)"
+            )
 
     @staticmethod
     def _packed(n: int, k: int, dtype: torch.dtype, loader) -> PackedvLLMParameter:
@@ -194,7 +230,7 @@ class QoQLinearMethod(LinearMethodBase):
                 delattr(layer, name)
         else:
             tensors = {name: getattr(layer, name).data for name in fmt.tensor_names(gs)}
-        fmt.validate_layer(tensors, gs, where)
+        fmt.validate_layer(tensors, gs, where, k=layer.qoq_in_features)
         if tensors["qweight"].device.type == "cuda" and not ops.has_cuda_kernels():
             _warn_reference_on_gpu()
         tensors = ops.prepare_weights(tensors, gs)
@@ -210,6 +246,8 @@ class QoQLinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if layer.qoq_k_pad:  # g128 with K % 128 != 0: zero columns quantize to 0
+            x2 = torch.nn.functional.pad(x2, (0, layer.qoq_k_pad))
         qx, sx, qsum = ops.quantize_per_token(x2)
         if layer.qoq_group_size == -1:
             y = ops.w4a8_chn_gemm(

@@ -97,13 +97,16 @@ def import_channel(w: torch.Tensor, s0, zero, szero, where: str) -> tuple[dict, 
 def import_g128(w: torch.Tensor, s0, s1, zero, szero, where: str) -> tuple[dict, dict]:
     n, k = w.shape
     fmt.check_k(k, G, where)
-    ng = k // G
+    # K % 128 != 0: ceil(K/128) groups, the last one partial; our layout stores it
+    # zero-padded (weight 0 = code u = z), which the numeric checks below cover
+    kp = fmt.padded_k(k, G)
+    ng = kp // G
     s1_ = _vec(s0, n, f"{where}.scale.0").to(torch.float16)
     s2f = _vec(s1, n * ng, f"{where}.scale.1").reshape(n, ng)
     s2 = torch.round(s2f)
     if float((s2f - s2).abs().max()) > 1e-3 or int(s2.min()) < 1 or int(s2.max()) > 16:
         raise _mismatch(where, float("nan"), "level-2 scales are not integers in 1..16")
-    w = w.to(torch.float64)
+    w = fmt.pad_k(w.to(torch.float64), G)
     q8 = torch.round(w / s1_.double()[:, None])
     _check_close(w, s1_.double()[:, None] * q8, where, "level-1 values are not integers")
     if int(q8.min()) < -128 or int(q8.max()) > 127:
@@ -131,7 +134,7 @@ def import_g128(w: torch.Tensor, s0, s1, zero, szero, where: str) -> tuple[dict,
             last = _mismatch(where, float("nan"), f"{name}: level-1 values are not s2*(u - z) with u in 0..15")
             continue
         ours = {
-            "qweight": fmt.pack_int4(torch.round(u).reshape(n, k).to(torch.uint8)),
+            "qweight": fmt.pack_int4(torch.round(u).reshape(n, kp).to(torch.uint8)),
             "s1_scales": s1_,
             "s2_scales": s2.to(torch.uint8),
             "s2_zeros": torch.round(z).to(torch.uint8),

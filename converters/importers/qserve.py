@@ -135,6 +135,13 @@ def import_qserve(
     quantized, checks = {}, {}
     for p in prefixes:
         t = {s: sd[f"{p}.{s}"] for s in QSERVE_SUFFIXES if f"{p}.{s}" in sd}
+        k = 2 * t["qweight"].shape[-1] if "qweight" in t else 0
+        if group_size == fmt.GROUP_SIZE_G128 and k % fmt.GROUP_SIZE_G128:
+            raise ImportError_(
+                f"{p}: K={k} is not a multiple of 128, which QServe's g128 layout (s2 tensors "
+                "[K/128, N]) cannot hold: not a QServe g128 checkpoint; quantize the float model "
+                "with `python -m converters.quantize --group-size 128` instead"
+            )
         try:
             ours = qserve_layout.to_ours(t, group_size, p)
         except (KeyError, ValueError) as e:

@@ -155,7 +155,7 @@ def _a8_w4_error(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, group_si
     """‖Q8(x)·Q4(w)ᵀ − y_ref‖² with the reference quantizers (per-token INT8, RTN W4)."""
     qx, sx, _ = quantize_activation(x)
     xq = dequantize_activation(qx, sx)
-    wq = fmt.dequantize_weight(rtn_quantize(w, group_size, protective_range=pr), group_size)
+    wq = fmt.dequantize_weight(rtn_quantize(w, group_size, protective_range=pr), group_size, w.shape[1])
     return float(((xq @ wq.T) - y_ref).pow(2).sum())
 
 
@@ -287,7 +287,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
             h = hess[name.split(".")[-1]]
             fmt.check_k(w.shape[1], group_size, full)
             rtn = rtn_quantize(w, group_size, protective_range=opts.protective_range)
-            err_rtn = relative_error(w, fmt.dequantize_weight(rtn, group_size), h)
+            err_rtn = relative_error(w, fmt.dequantize_weight(rtn, group_size, w.shape[1]), h)
             ratio = None
             if opts.clip:
                 ratio = clip_search(w, h, group_size, opts.clip_steps, opts.clip_min_ratio, opts.protective_range)
@@ -295,7 +295,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
                 q = gptq_quantize(w, h, group_size, ratio, opts.protective_range, opts.gptq_damp, opts.gptq_block)
             else:
                 q = rtn_quantize(w, group_size, ratio, opts.protective_range)
-            w_hat = fmt.dequantize_weight(q, group_size)
+            w_hat = fmt.dequantize_weight(q, group_size, w.shape[1])  # [N, K] (g128 padding dropped)
             row = {
                 "layer": li,
                 "linear": name.split(".")[-1],

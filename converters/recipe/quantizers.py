@@ -12,6 +12,8 @@
   level-1 values x1 = W/s1 (level 1 is not rounded, so it needs no GPTQ).
   Quantization parameters come from the reference quantizers (and the clip
   ratio); with a diagonal H the result is bit-identical to the reference RTN.
+  g128 with K % 128 != 0: W is padded with zero columns to a multiple of 128
+  (the stored layout, vllm_qoq/format.py); the searches and errors use [N, K].
 All outputs are in our on-disk format (vllm_qoq/format.py).
 """
 
@@ -113,12 +115,14 @@ def fake_quantize(
         u = torch.round((w + sz) / s).clamp_(0, 15)
         return s * u - sz
     s1, x1 = level1 if level1 is not None else level1_g128(w, protective_range)
-    n, k = x1.shape
+    n, k = w.shape
+    x1 = fmt.pad_k(x1, G)  # K zero-padded to a multiple of 128, as the reference quantizer does
+    kp = x1.shape[1]
     r = None if clip_ratio is None else clip_ratio.reshape(n, 1)
     s2, z = level2_params(x1, r)
-    u = quantize_level2(x1, s2, z).to(torch.float32).view(n, k // G, G)
+    u = quantize_level2(x1, s2, z).to(torch.float32).view(n, kp // G, G)
     q8 = s2.to(torch.float32)[..., None] * (u - z.to(torch.float32)[..., None])
-    return s1.float()[:, None] * q8.view(n, k)
+    return (s1.float()[:, None] * q8.view(n, kp))[:, :k]
 
 
 def _gptq_hinv(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +202,16 @@ def gptq_quantize(
         raise ValueError(f"unsupported group_size {group_size}")
     if block % G:
         raise ValueError("GPTQ block must be a multiple of 128 for g128")
-    s1, x1 = level1_g128(w, protective_range)
-    ng = k // G
+    kp = fmt.padded_k(k, G)
+    if kp != k:
+        # K % 128 != 0: the stored layer has kp - k zero columns (format.py).  Give them an
+        # input of their own, uncoupled from the real inputs (an identity block in H, hence
+        # in the Cholesky factor of H⁻¹): GPTQ then moves no error into them, they stay 0
+        # and get the zero code u = z, exactly as the reference quantizer pads.
+        eye = torch.eye(kp - k, dtype=hinv.dtype, device=hinv.device)
+        hinv = torch.block_diag(hinv, eye)
+    s1, x1 = level1_g128(fmt.pad_k(w, G), protective_range)
+    ng = kp // G
     s2_all = torch.empty(n, ng, dtype=torch.int32, device=w.device)
     z_all = torch.empty(n, ng, dtype=torch.int32, device=w.device)
     cur: dict[str, torch.Tensor] = {}

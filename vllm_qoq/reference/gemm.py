@@ -10,6 +10,9 @@ per-channel:  acc[m, n] = sum_k qx[m, k] * u[n, k]
     its fake-quant reference.)
 g128:         acc[m, n] = sum_k qx[m, k] * q8[n, k],  q8 = s2 * (u - z)
               y[m, n]   = sx[m] * s1[n] * acc[m, n]
+g128 weights are stored with K zero-padded to Kp (a multiple of 128): the
+caller pads x with zeros to Kp before quantizing it (zeros quantize to 0, so
+the result is the unpadded product; vllm_qoq/linear.py does this).
 Then + bias, cast to the output dtype.  The float epilogue is done in fp32 in
 exactly the order written above.
 """
@@ -67,6 +70,11 @@ def w4a8_g128_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     q8 = int8_weight_g128(qweight, s2_scales, s2_zeros)
+    if qx.shape[-1] != q8.shape[1]:
+        raise ValueError(
+            f"w4a8_g128_gemm: activations have K={qx.shape[-1]}, the weight {q8.shape[1]} "
+            "(g128 weights are padded to a multiple of 128: pad the activations with zeros)"
+        )
     acc = int_matmul(qx, q8).to(torch.float32)
     y = acc * sx.to(torch.float32)[:, None] * s1_scales.to(torch.float32)[None, :]
     return _epilogue(y, bias, out_dtype)

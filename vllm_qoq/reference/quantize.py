@@ -4,7 +4,9 @@ Weights (offline, round-to-nearest; the QoQ recipe adds clipping/GPTQ on top):
   * per-channel asymmetric UINT4 (qoq.md §1 "g-1"), post-scale fp16 zero;
   * progressive g128 (qoq.md §1): level 1 per-channel symmetric to [-P, P]
     with an fp16 scale (not rounded), level 2 per 128-group asymmetric UINT4 with
-    integer scale 1..16 and integer zero 0..15.
+    integer scale 1..16 and integer zero 0..15.  K is zero-padded to a multiple
+    of 128 first (format.py): zeros change neither level (a group's range always
+    includes 0) and quantize to the code u = z, i.e. q8 = 0.
 Activations (runtime): symmetric INT8 per token (qoq.md §2).
 
 All functions are plain PyTorch and deterministic.  Division is IEEE division
@@ -21,6 +23,7 @@ from ..format import (
     GROUP_SIZE_G128,
     check_k,
     pack_int4,
+    pad_k,
 )
 
 _EPS = 1e-8  # smallest scale: guards max == min rows/groups (all-equal weights)
@@ -65,6 +68,7 @@ def level2_params(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer scale s2 (1..16) and zero z (0..15) per 128-group of x1 [N, K].
 
+    K must be a multiple of 128 (pad with zeros first: format.pad_k).
     Returns int32 tensors [N, K/128].  clip_ratio (scalar or [N, K/128]) shrinks
     the group's min/max first (clipping search).
     """
@@ -102,10 +106,14 @@ def quantize_weight_g128(
     protective_range: int = DEFAULT_PROTECTIVE_RANGE,
     clip_ratio: torch.Tensor | float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """RTN progressive g128 of W [N, K] -> {qweight, s1_scales, s2_scales, s2_zeros}."""
+    """RTN progressive g128 of W [N, K] -> {qweight, s1_scales, s2_scales, s2_zeros}.
+
+    Any K: the tensors hold Kp = ceil(K/128)*128 columns (format.py), the
+    padding columns the zero code.  clip_ratio: scalar or [N, Kp/128].
+    """
     n, k = w.shape
     check_k(k, GROUP_SIZE_G128)
-    s1, x1 = level1_g128(w, protective_range)
+    s1, x1 = level1_g128(pad_k(w, GROUP_SIZE_G128), protective_range)
     s2, z = level2_params(x1, clip_ratio)
     u = quantize_level2(x1, s2, z)
     return {
