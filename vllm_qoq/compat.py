@@ -165,3 +165,74 @@ def current_platform_class():
 
 def max_model_len(vllm_config) -> int:
     return int(vllm_config.model_config.max_model_len)
+
+
+# The KV4 prefill path (dequantize into a dense workspace + FlashAttention varlen).
+# 0.26 and 0.28: split_decodes_and_prefills in vllm.v1.attention.backends.utils;
+# vllm.vllm_flash_attn.flash_attn_varlen_func (CUDA builds only) with fa_version
+# and is_fa_version_supported; CommonAttentionMetadata.seq_lens_cpu_upper_bound
+# (exact for prefill rows; set by both model runners) and the deprecated
+# _seq_lens_cpu (None under async speculative decoding).
+def split_decodes_and_prefills(cam, decode_threshold: int = 1) -> tuple[int, int, int]:
+    """(num_decodes, num_prefills, num_decode_tokens) of a decode-first batch (host values)."""
+    try:
+        from vllm.v1.attention.backends.utils import split_decodes_and_prefills as split
+    except ImportError:
+        split = None
+    if split is not None:
+        nd, np_, ndt, _ = split(cam, decode_threshold=decode_threshold)
+        return int(nd), int(np_), int(ndt)
+    qsl = cam.query_start_loc_cpu.tolist()[: cam.num_reqs + 1]
+    nd = 0
+    while nd < cam.num_reqs and qsl[nd + 1] - qsl[nd] <= decode_threshold:
+        nd += 1
+    return nd, cam.num_reqs - nd, qsl[nd]
+
+
+def seq_lens_cpu(cam):
+    """A host copy of seq_lens exact for prefill rows, or None (never syncs the GPU)."""
+    upper = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    if upper is not None:
+        return upper
+    return getattr(cam, "_seq_lens_cpu", None)
+
+
+def init_reorder_batch_threshold(builder, threshold: int = 1) -> None:
+    """Ask vLLM to put requests with <= threshold query tokens (decodes) first.
+
+    Speculative-decoding verify requests (1 + k tokens) count as decodes where vLLM
+    supports it: they stay on the fused kernel, whose context lengths come from the
+    GPU (the host copies are optimistic for them under async scheduling).
+    """
+    init = getattr(builder, "_init_reorder_batch_threshold", None)
+    if init is not None:
+        init(threshold, supports_spec_as_decode=True)
+    else:
+        builder.reorder_batch_threshold = threshold
+
+
+def max_num_batched_tokens(vllm_config) -> int:
+    return int(vllm_config.scheduler_config.max_num_batched_tokens)
+
+
+@lru_cache(maxsize=1)
+def flash_attn_varlen():
+    """(flash_attn_varlen_func, fa_version) of vLLM's FlashAttention, or None.
+
+    FA3 on compute capability 9.x when the build has it, FA2 otherwise.  Needs a
+    CUDA device (called from the builder / impl on the GPU only).
+    """
+    try:
+        import torch
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+    except Exception:  # noqa: BLE001 - CPU wheels, ROCm, broken builds: no FA
+        return None
+    try:
+        major = torch.cuda.get_device_capability()[0]
+        version = 3 if major == 9 and is_fa_version_supported(3) else 2
+        if not is_fa_version_supported(version):
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    return flash_attn_varlen_func, version

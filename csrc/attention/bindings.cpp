@@ -1,4 +1,5 @@
-// CUDA implementations of qoq::kv4_cache_write and qoq::kv4_attention (schemas and CPU
+// CUDA implementations of qoq::kv4_cache_write, qoq::kv4_attention and
+// qoq::kv4_gather_dequant (schemas and CPU
 // reference: vllm_qoq/attention/ops.py, spec: vllm_qoq/reference/kv4.py).
 // Plain C++ with device-generic c10 APIs (stream, device guard), no CUDA headers.
 #include <ATen/core/Tensor.h>
@@ -128,6 +129,48 @@ void kv4_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   attention(a, dtype_of(query, "query"), current_stream(query.device()));
 }
 
+void kv4_gather_dequant(const at::Tensor& kv_cache, const at::Tensor& block_table,
+                        const at::Tensor& cu_seqlens_k, int64_t max_seqlen_k, at::Tensor& k_out,
+                        at::Tensor& v_out) {
+  TORCH_CHECK(k_out.dim() == 3 && v_out.sizes() == k_out.sizes(), "qoq KV4 gather: k_out/v_out must be [N, Hkv, D]");
+  TORCH_CHECK(k_out.is_contiguous() && v_out.is_contiguous(), "qoq KV4 gather: k_out/v_out must be contiguous");
+  TORCH_CHECK(v_out.scalar_type() == k_out.scalar_type(), "qoq KV4 gather: k_out and v_out dtypes differ");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(k_out.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v_out.data_ptr()) % 16 == 0,
+              "qoq KV4 gather: k_out/v_out must be 16-byte aligned");
+  const int64_t D = k_out.size(2);
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "qoq KV4 gather: head_size must be 64, 128 or 256, got ", D);
+  check_cache(kv_cache, D);
+  TORCH_CHECK(kv_cache.size(2) == k_out.size(1), "qoq KV4 gather: kv_cache has ", kv_cache.size(2),
+              " KV heads, k_out has ", k_out.size(1));
+  const int64_t bs = kv_cache.size(3) / (D / 2 + 4);
+  TORCH_CHECK(bs % 16 == 0, "qoq KV4 gather: block_size must be a multiple of 16, got ", bs);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && cu_seqlens_k.scalar_type() == at::kInt,
+              "qoq KV4 gather: block_table/cu_seqlens_k must be int32");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.stride(1) == 1 && cu_seqlens_k.is_contiguous(),
+              "qoq KV4 gather: block_table rows and cu_seqlens_k must be contiguous");
+  const int64_t B = cu_seqlens_k.size(0) - 1;
+  TORCH_CHECK(B >= 0 && block_table.size(0) >= B, "qoq KV4 gather: block_table needs a row per sequence");
+  TORCH_CHECK(B <= 65535, "qoq KV4 gather: at most 65535 sequences per call, got ", B);
+  TORCH_CHECK(max_seqlen_k <= block_table.size(1) * bs, "qoq KV4 gather: max_seqlen_k ", max_seqlen_k,
+              " exceeds the block table (", block_table.size(1), " pages of ", bs, ")");
+  if (B == 0 || max_seqlen_k <= 0) return;
+  c10::DeviceGuard guard(kv_cache.device());
+  GatherArgs a{};
+  a.cache = kv_cache.data_ptr<uint8_t>();
+  a.block_table = block_table.data_ptr<int32_t>();
+  a.bt_stride = block_table.stride(0);
+  a.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  a.k_out = k_out.data_ptr();
+  a.v_out = v_out.data_ptr();
+  a.num_seqs = static_cast<int>(B);
+  a.num_kv_heads = static_cast<int>(kv_cache.size(2));
+  a.head_size = static_cast<int>(D);
+  a.block_size = static_cast<int>(bs);
+  a.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  gather_dequant(a, dtype_of(k_out, "k_out"), current_stream(kv_cache.device()));
+}
+
 }  // namespace
 }  // namespace kv4
 }  // namespace qoq
@@ -135,4 +178,5 @@ void kv4_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
 TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
   m.impl("kv4_cache_write", &qoq::kv4::kv4_cache_write);
   m.impl("kv4_attention", &qoq::kv4::kv4_attention);
+  m.impl("kv4_gather_dequant", &qoq::kv4::kv4_gather_dequant);
 }

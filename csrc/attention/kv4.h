@@ -45,6 +45,19 @@ struct AttnArgs {
   float* ws_lse;               // [num_splits, T, Hq]
 };
 
+// Gather + dequantize (csrc/attention/kv4_dequant.cu): tokens [0, len_b) of sequence b
+// (len_b = cu_seqlens_k[b+1] - cu_seqlens_k[b]) -> rows cu_seqlens_k[b] + t of k_out/v_out.
+struct GatherArgs {
+  const uint8_t* cache;        // contiguous KV4 cache
+  const int32_t* block_table;  // [B, bt_stride]
+  int64_t bt_stride;
+  const int32_t* cu_seqlens_k; // [B + 1]
+  void* k_out;                 // [total, Hkv, D] contiguous, 16-byte aligned
+  void* v_out;
+  int num_seqs, num_kv_heads, head_size, block_size;
+  int max_seqlen_k;            // host bound on len_b: launch shape
+};
+
 // Split-KV factor for a launch: enough CTAs to fill the GPU, at least 128 keys per
 // split, and a bounded workspace.  Depends on host values only (CUDA-graph safe).
 int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int head_size,
@@ -56,6 +69,7 @@ int num_sms(int device);
 // stream: the cudaStream_t to launch on.
 void cache_write(const CacheWriteArgs& a, DType dt, void* stream);
 void attention(const AttnArgs& a, DType dt, void* stream);
+void gather_dequant(const GatherArgs& a, DType dt, void* stream);
 
 }  // namespace kv4
 }  // namespace qoq

@@ -1,4 +1,4 @@
-"""The KV4 torch ops: `qoq::kv4_cache_write` and `qoq::kv4_attention`.
+"""The KV4 torch ops: `qoq::kv4_cache_write`, `qoq::kv4_attention`, `qoq::kv4_gather_dequant`.
 
 Schemas live here, in Python, next to vllm_qoq/ops.py's (same `qoq`
 namespace, through a FRAGMENT library).  Implementations:
@@ -8,8 +8,11 @@ namespace, through a FRAGMENT library).  Implementations:
     extension was built with them, otherwise the reference as well (also with
     VLLM_QOQ_DISABLE_KERNELS=1; the reference syncs with the host, so the
     backend then declares no CUDA-graph support);
-  * fake: the ops only mutate their first/third argument, so the fake is a no-op
-    and Dynamo (fullgraph) can trace the backend.
+  * fake: the ops only mutate arguments (the cache, out, k_out/v_out), so the fake
+    is a no-op and Dynamo (fullgraph) can trace the backend.
+
+`kv4_gather_dequant` writes the dequantized K/V of whole sequences into a dense
+workspace: the prefill path of the backend (gather, then FlashAttention varlen).
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ _SCHEMAS = {
         "Tensor seq_lens, Tensor query_start_loc, int max_query_len, int max_seq_len, "
         "float scale, int num_splits) -> ()"
     ),
+    "kv4_gather_dequant": (
+        "kv4_gather_dequant(Tensor kv_cache, Tensor block_table, Tensor cu_seqlens_k, "
+        "int max_seqlen_k, Tensor(a!) k_out, Tensor(b!) v_out) -> ()"
+    ),
 }
-_REFERENCE = {"kv4_cache_write": ref.kv4_cache_write, "kv4_attention": ref.kv4_attention}
+_REFERENCE = {"kv4_cache_write": ref.kv4_cache_write, "kv4_attention": ref.kv4_attention,
+              "kv4_gather_dequant": ref.kv4_gather_dequant}
 
 _state: dict = {"lib": None, "cuda": False}
 
@@ -47,7 +55,12 @@ def _fake_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc
     return None
 
 
-_FAKE = {"kv4_cache_write": _fake_cache_write, "kv4_attention": _fake_attention}
+def _fake_gather_dequant(kv_cache, block_table, cu_seqlens_k, max_seqlen_k, k_out, v_out):
+    return None
+
+
+_FAKE = {"kv4_cache_write": _fake_cache_write, "kv4_attention": _fake_attention,
+         "kv4_gather_dequant": _fake_gather_dequant}
 
 
 def _has_cuda_kernel(name: str) -> bool:
@@ -61,9 +74,9 @@ def register_ops() -> None:
     """Define the KV4 ops (idempotent; never touches CUDA)."""
     if _state["lib"] is not None:
         return
-    if hasattr(torch.ops, "qoq") and hasattr(torch.ops.qoq, "kv4_attention"):
+    if hasattr(torch.ops, "qoq") and hasattr(torch.ops.qoq, "kv4_gather_dequant"):
         _state["lib"] = "external"  # defined by another copy of this module
-        _state["cuda"] = _has_cuda_kernel("kv4_attention")
+        _state["cuda"] = all(_has_cuda_kernel(n) for n in _SCHEMAS)
         return
     lib = torch.library.Library("qoq", "FRAGMENT")
     for name, schema in _SCHEMAS.items():
@@ -99,3 +112,7 @@ def kv4_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc,
                   max_query_len: int, max_seq_len: int, scale: float, num_splits: int = 0) -> None:
     torch.ops.qoq.kv4_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc,
                                 max_query_len, max_seq_len, scale, num_splits)
+
+
+def kv4_gather_dequant(kv_cache, block_table, cu_seqlens_k, max_seqlen_k: int, k_out, v_out) -> None:
+    torch.ops.qoq.kv4_gather_dequant(kv_cache, block_table, cu_seqlens_k, max_seqlen_k, k_out, v_out)

@@ -111,7 +111,12 @@ def quantize_kv4(x: torch.Tensor):
 
 
 def dequantize_kv4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(code - zero) * scale in fp32; codes [..., D], scale/zero [...]."""
+    """(code - zero) * scale in fp32; codes [..., D], scale/zero [...].
+
+    Exactly two fp32 operations, each rounded (a subtraction, then a product; never
+    fused): the dequantization kernel (csrc/attention/kv4_dequant.cu) computes the
+    same and then rounds once to the output dtype, so it matches bit for bit.
+    """
     return (codes.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
@@ -150,6 +155,65 @@ def read_kv4(
         sz = sz_v[blocks, kv, :, offs]  # [n, H, 2]
         out.append(dequantize_kv4(c, sz[..., 0], sz[..., 1]))
     return out[0], out[1]
+
+
+def kv4_gather_dequant(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+) -> None:
+    """Dense K/V of the first tokens of several sequences (the prefill workspace).
+
+    For sequence b, tokens [0, n_b) with n_b = cu_seqlens_k[b+1] - cu_seqlens_k[b]
+    are read from the pages block_table[b] and written to rows
+    cu_seqlens_k[b] + t of k_out / v_out ([N, Hkv, D]) as
+    out_dtype((code - zero) * scale) (fp32 math, one rounding to the output dtype).
+    Rows of k_out / v_out outside [cu[0], cu[-1]) are left alone.  max_seqlen_k is a
+    launch hint for the kernel (>= every n_b).
+    """
+    head_size = k_out.shape[-1]
+    cu = cu_seqlens_k.tolist()
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        if n <= 0:
+            continue
+        if n > max_seqlen_k:
+            raise ValueError(f"sequence {b}: {n} tokens > max_seqlen_k {max_seqlen_k}")
+        k, v = read_kv4(kv_cache, block_table[b], n, head_size)
+        k_out[cu[b] : cu[b + 1]] = k.to(k_out.dtype)
+        v_out[cu[b] : cu[b + 1]] = v.to(v_out.dtype)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention over packed sequences, the mask aligned bottom-right.
+
+    Sequence b has queries q[cu_q[b]:cu_q[b+1]] (m of them) and keys/values
+    k/v[cu_k[b]:cu_k[b+1]] (n >= m): query i sits at position n - m + i and sees
+    keys 0..n - m + i — what FlashAttention's varlen `causal=True` computes, and
+    exactly kv4_attention's semantics once k/v are the dequantized cache.  Returns
+    fp32 [total_q, Hq, D].
+    """
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        m, n = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if m <= 0:
+            continue
+        if n < m:
+            raise ValueError(f"sequence {b}: {n} keys for {m} queries")
+        out[cq[b] : cq[b + 1]] = attention(q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]],
+                                           v[ck[b] : ck[b + 1]], scale, n - m)
+    return out
 
 
 def attention(
