@@ -45,6 +45,15 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStep = 4;  // k32 blocks per step (one g128 group)
 
+// The 4 weight words (16 bytes each) of one step of lane `wptr`, zeros past kc_end.
+__device__ __forceinline__ void load_step(uint4 (&w)[kStep], const uint4* wptr, int kc, int kc_end) {
+#pragma unroll
+  for (int s = 0; s < kStep; ++s) {
+    w[s] = kc + s < kc_end ? __ldcs(wptr + static_cast<int64_t>(kc + s) * 32)
+                           : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 template <int MT, bool G128, OutKind OUT>
 __global__ void __launch_bounds__(kThreads) w4a8_gemv_kernel(const W4A8Args a, int steps_per_split) {
   const int nc = blockIdx.x;
@@ -62,13 +71,15 @@ __global__ void __launch_bounds__(kThreads) w4a8_gemv_kernel(const W4A8Args a, i
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[m][j] = 0;
 
+  // Register double buffer: the next step's 4 x 16 bytes are in flight while this step
+  // computes, so a warp never waits a full memory latency per step.
+  uint4 wn[kStep];
+  load_step(wn, wptr, kc_begin + warp * kStep, kc_end);
   for (int kc = kc_begin + warp * kStep; kc < kc_end; kc += kWarps * kStep) {
     uint4 w[kStep];
 #pragma unroll
-    for (int s = 0; s < kStep; ++s) {
-      w[s] = kc + s < kc_end ? __ldcs(wptr + static_cast<int64_t>(kc + s) * 32)
-                             : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int s = 0; s < kStep; ++s) w[s] = wn[s];
+    load_step(wn, wptr, kc + kWarps * kStep, kc_end);
     int32_t part[MT][4];
     int32_t xsum[MT];
 #pragma unroll
@@ -214,13 +225,15 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
+  // Register double buffer: the next step's 4 x 16 bytes are in flight while this step
+  // computes, so a warp never waits a full memory latency per step.
+  uint4 wn[kStep];
+  load_step(wn, wptr, kc_begin + warp * kStep, kc_end);
   for (int kc = kc_begin + warp * kStep; kc < kc_end; kc += kWarps * kStep) {
     uint4 w[kStep];
 #pragma unroll
-    for (int s = 0; s < kStep; ++s) {
-      w[s] = kc + s < kc_end ? __ldcs(wptr + static_cast<int64_t>(kc + s) * 32)
-                             : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int s = 0; s < kStep; ++s) w[s] = wn[s];
+    load_step(wn, wptr, kc + kWarps * kStep, kc_end);
     uint32_t s2w = 0, znw = 0;
     if constexpr (G128) {
       const int64_t off = static_cast<int64_t>(kc / kStep) * a.Np + nc * 32 + 4 * g;

@@ -207,15 +207,6 @@ def test_weight_stream_every_small_m(n, k, gs, path):
         assert torch.equal(acc, want), f"M={m}: {int((acc != want).sum())} differ"
 
 
-@pytest.mark.parametrize("path", [5, 6])
-def test_weight_stream_refuses_large_m(path):
-    q = _weights(64, 256, -1, 3)
-    kt = kl.to_kernel_layout(q, -1)
-    qx = torch.zeros(MAX_M[path] + 1, 256, device=DEV, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match=f"M <= {MAX_M[path]}"):
-        torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, 64, path)
-
-
 def test_wgmma_kernels_present_on_hopper():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("not an sm_90 GPU")
