@@ -7,7 +7,12 @@ Decode (one query token per sequence, batch 1..256, context 1k..32k) and prefill
 a fresh prompt, and a chunk behind a cached prefix), for the Llama-3-8B
 geometry (32 query heads, 8 KV heads, head_dim 128) and a head_dim-64 model
 (Llama-3.2-1B: 32/8/64).  Implementations (rows' "impl"):
-  qoq_kv4      vllm_qoq's kernels (torch.ops.qoq.kv4_attention) on the KV4 cache
+  qoq_kv4      what vllm_qoq's backend runs on the KV4 cache: decode = the fused
+               kernel (torch.ops.qoq.kv4_attention); prefill = kv4_gather_dequant of
+               the context into a dense workspace + vLLM's FlashAttention varlen
+               (FA3 on Hopper), both inside the timed region (the host-side plan
+               is built once, as the metadata builder does once per step)
+  qoq_kv4_fused  the fused kernel for prefill too (VLLM_QOQ_KV4_PREFILL=fused)
   fa3_bf16     vLLM's FlashAttention 3 (vllm.vllm_flash_attn), bf16 paged cache
   fa3_fp8      the same with an fp8 (e4m3) cache and descales
   triton_int4  vLLM's Triton int4_per_token_head path (unified_attention_int4,
@@ -97,8 +102,7 @@ class Case:
 
 
 # ---------------------------------------------------------------------------- impls
-def qoq_kv4(case: Case):
-    from vllm_qoq.attention import ops
+def _kv4_cache(case: Case):
     from vllm_qoq.reference import kv4 as ref
 
     shape = ref.kv_cache_shape(case.num_blocks, BLOCK, case.hkv, case.d)
@@ -106,10 +110,50 @@ def qoq_kv4(case: Case):
     sz = ref.split_cache(cache, case.d)[1]
     sz[..., 0] = 0.05  # finite scales and zeros
     sz[..., 1] = 7.0
+    return cache
+
+
+def qoq_kv4_fused(case: Case):
+    if case.q_len == 1:
+        raise NotImplementedError("decode: qoq_kv4 is the fused kernel already")
+    return _fused(case)
+
+
+def _fused(case: Case):
+    from vllm_qoq.attention import ops
+
+    cache = _kv4_cache(case)
 
     def run():
         ops.kv4_attention(case.out, case.q, cache, case.block_table, case.seq_lens, case.cu_q,
                           case.q_len, case.ctx, case.scale, 0)
+
+    return run, case.bytes(case.d + 8)
+
+
+def qoq_kv4(case: Case):
+    if case.q_len == 1:
+        return _fused(case)  # decode: the backend's fused split-KV kernel
+    from vllm_qoq import compat
+    from vllm_qoq.attention import backend as kb
+
+    fa = compat.flash_attn_varlen()
+    if fa is None:
+        raise RuntimeError("vLLM's FlashAttention is not importable: the backend would run "
+                           "qoq_kv4_fused for prefill")
+    cache = _kv4_cache(case)
+    cap = kb.workspace_tokens(8192)  # vLLM's default max_num_batched_tokens
+    qsl = list(range(0, (case.batch + 1) * case.q_len, case.q_len))
+    # over-cap requests would run fused, as in the backend (none at these shapes)
+    plan = kb.materialize(kb.plan_split(qsl, [case.ctx] * case.batch, 0, cap), "cuda")
+    varlen = kb.flash_attn_varlen_runner(*fa)
+
+    def workspace(rows):
+        return kb.Workspace.get(rows, case.hkv, case.d, case.q.dtype, case.q.device, cap)
+
+    def run():
+        kb.run_split(plan, case.out, case.q, cache, case.block_table, case.seq_lens, case.cu_q,
+                     case.ctx, case.scale, workspace, varlen)
 
     return run, case.bytes(case.d + 8)
 
@@ -184,7 +228,7 @@ def sdpa_bf16(case: Case):
     return run, case.bytes(case.d * 4)
 
 
-IMPLS = {"qoq_kv4": qoq_kv4, "fa3_bf16": fa3_bf16, "fa3_fp8": fa3_fp8,
+IMPLS = {"qoq_kv4": qoq_kv4, "qoq_kv4_fused": qoq_kv4_fused, "fa3_bf16": fa3_bf16, "fa3_fp8": fa3_fp8,
          "triton_int4": triton_int4, "sdpa_bf16": sdpa_bf16}
 
 
@@ -220,7 +264,7 @@ def main(argv=None) -> int:
     hbm = _hbm(dev)
     skipped: dict[str, str] = {}
     if not ops.has_cuda_kernels():
-        skipped["qoq_kv4"] = "vllm_qoq KV4 CUDA kernels not built"
+        skipped["qoq_kv4"] = skipped["qoq_kv4_fused"] = "vllm_qoq KV4 CUDA kernels not built"
     try:
         import vllm
 
