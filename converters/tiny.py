@@ -3,7 +3,9 @@
 Built offline from the calibration text in ../shared/data (no hub access): the
 tokenizer is a byte-level BPE trained on it, the weights are random but
 deterministic.  Shapes exercise both variants: hidden 256 and intermediate 768
-are multiples of 128 (g128), head_dim 64, GQA 4:2.
+are multiples of 128 (g128), head_dim 64, GQA 4:2.  `tiny_llama_k576_dir` has
+SmolLM2-135M's layer shapes instead (hidden 576, intermediate 1536, 9 heads /
+3 KV heads of 64): g128 must pad K = 576 of q/k/v/o/gate/up to 640.
 """
 
 from __future__ import annotations
@@ -51,8 +53,17 @@ def build_tokenizer(out_dir: Path, text_path: Path = DEFAULT_TEXT, vocab_size: i
     return fast
 
 
-def build_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, init_std: float = 0.08) -> Path:
-    """Write a tiny random LlamaForCausalLM (fp16) with tokenizer to out_dir (atomic)."""
+SMOLLM2_SHAPES = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                  "num_key_value_heads": 3, "head_dim": 64}
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike, seed: int = 0, init_std: float = 0.08, shapes: dict | None = None
+) -> Path:
+    """Write a tiny random LlamaForCausalLM (fp16) with tokenizer to out_dir (atomic).
+
+    shapes overrides the layer sizes (LlamaConfig fields), e.g. SMOLLM2_SHAPES.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,14 +71,13 @@ def build_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, init_std: float 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tokenizer = build_tokenizer(tmp)
+        sizes = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64)
+        sizes.update(shapes or {})
         cfg = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=256,
-            intermediate_size=768,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
+            **sizes,
             max_position_embeddings=2048,
             rms_norm_eps=1e-5,
             initializer_range=init_std,
@@ -94,4 +104,14 @@ def tiny_llama_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     d = cache / "tiny-llama"
     if not (d / "config.json").is_file():
         build_tiny_llama(d)
+    return d
+
+
+def tiny_llama_k576_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Get-or-build the cached tiny Llama with SmolLM2's layer shapes (<cache>/tiny-llama-k576)."""
+    cache = Path(cache_dir) if cache_dir else ROOT / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    d = cache / "tiny-llama-k576"
+    if not (d / "config.json").is_file():
+        build_tiny_llama(d, shapes=SMOLLM2_SHAPES)
     return d
