@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="HF model dir (default: SmolLM2-135M)")
     p.add_argument("--out", default=None, help="where to write the quantized model")
     p.add_argument("--group-size", type=int, default=-1, choices=(-1, 128),
-                   help="-1 per-channel (default; SmolLM2's K=576 is not a multiple of 128)")
+                   help="-1 per-channel (default) or 128 (SmolLM2's K=576 is stored padded to 640)")
     p.add_argument("--recipe", choices=("rtn", "qoq"), default="rtn")
     p.add_argument("--kv-bits", type=int, default=16, choices=(4, 8, 16))
     p.add_argument("--max-tokens", type=int, default=16)

@@ -11,7 +11,9 @@ rotation and smoothing folded in; scale.pt holds, per quantized weight
   ``<name>.scale.1``      g128 only: level-2 integer scale s2 [N, K/128]
   ``<name>.zero``         pre-scale zero z (older): W = s*(u - z)
   ``<name>.scaled_zero``  post-scale zero (newer): W = s*u - zs  (g128: q8 = s2*u - zs)
-Any broadcastable shape with the right number of elements is accepted.
+Any broadcastable shape with the right number of elements is accepted.  g128
+with K % 128 != 0 has ceil(K/128) groups, the last partial; it is stored
+zero-padded (docs/format.md).
 --config-dir gives config.json and the tokenizer (the base model's).
 
 Every layer is verified numerically: the codes are recovered from model.pt's
