@@ -181,13 +181,17 @@ def int8_weight_g128(
 
 
 def validate_layer(
-    tensors: dict[str, torch.Tensor], group_size: int, where: str, k: int | None = None
+    tensors: dict[str, torch.Tensor],
+    group_size: int,
+    where: str,
+    k: int | None = None,
+    check_padding: bool = True,
 ) -> None:
     """Check one layer's tensors against the format; raise naming `where` and the problem.
 
     k: the layer's input size when known (the model's K); then the stored shapes
-    must be those of K (padded for g128) and g128 padding columns must hold the
-    zero code u = z.
+    must be those of K (padded for g128) and, with check_padding, g128 padding
+    columns must hold the zero code u = z (not for dummy weights).
     """
     names = tensor_names(group_size)
     missing = [t for t in names if t not in tensors]
@@ -232,7 +236,7 @@ def validate_layer(
                 f"{where}.{name}: expected {dtype} {shape} for a [N={n}, K={ks}] layer, "
                 f"got {t.dtype} {tuple(t.shape)}"
             )
-    if group_size == GROUP_SIZE_G128 and k is not None and k < ks:
+    if group_size == GROUP_SIZE_G128 and k is not None and k < ks and check_padding:
         # only the last group holds padding: unpack just its 64 bytes per row
         last = unpack_int4(qw[:, (ks - GROUP_SIZE_G128) // 2 :])[:, k - (ks - GROUP_SIZE_G128) :]
         z = tensors["s2_zeros"][:, -1:]

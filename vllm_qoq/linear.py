@@ -97,7 +97,8 @@ class QoQLinearMethod(LinearMethodBase):
         loader = extra_weight_attrs.get("weight_loader")
         # Track which shards each parameter received, so that a checkpoint missing
         # a tensor is refused by name (vLLM does not check quantized layers).
-        layer.qoq_check_loaded = loader is not None and not is_dummy_load()
+        layer.qoq_dummy_load = is_dummy_load()  # random/uninitialised tensors: no content checks
+        layer.qoq_check_loaded = loader is not None and not layer.qoq_dummy_load
         layer.qoq_num_shards = len(output_partition_sizes)
         if loader is not None:
             loader = _tracking_loader(loader)
@@ -230,7 +231,8 @@ class QoQLinearMethod(LinearMethodBase):
                 delattr(layer, name)
         else:
             tensors = {name: getattr(layer, name).data for name in fmt.tensor_names(gs)}
-        fmt.validate_layer(tensors, gs, where, k=layer.qoq_in_features)
+        fmt.validate_layer(tensors, gs, where, k=layer.qoq_in_features,
+                           check_padding=not layer.qoq_dummy_load)
         if tensors["qweight"].device.type == "cuda" and not ops.has_cuda_kernels():
             _warn_reference_on_gpu()
         tensors = ops.prepare_weights(tensors, gs)
