@@ -4,7 +4,7 @@
 
 Compiles csrc/attention/*.cu|*.cpp (+ csrc/common/errors.cu) in parallel with
 nvcc/g++ and links OUT_DIR/libqoq_kv4.so, which registers the CUDA kernels of
-qoq::kv4_cache_write / qoq::kv4_attention when loaded with
+qoq::kv4_cache_write / kv4_attention / kv4_gather_dequant when loaded with
 torch.ops.load_library (tests/gpu/test_kv4_kernels.py and benchmarks/attention.py
 do that when QOQ_KV4_LIB points at it).  Much faster than building the whole
 vllm_qoq._C extension when only the attention kernels changed; the production path
