@@ -95,29 +95,30 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed: on Hopper the wgmma kernels for M > 16, the mma.sync decode
 // kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
-// The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2, at most 16), the
-// MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default 16, at most 32); 0 turns
-// either off.  The crossovers: benchmarks/results/gemm-notes.md (H100 sweeps).
+// The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2 per-channel, 4 g128;
+// at most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off for
+// per-channel, 16 for g128; at most 32); 0 turns either off.  Defaults from the H100
+// sweeps in benchmarks/results/gemm-notes.md (gemm-h100-{gemv,mmv,mmv2}-sweep.md).
 int env_int(const char* name, int dflt, int hi) {
   const char* e = std::getenv(name);
-  if (e == nullptr || *e == '\0') return dflt;
+  if (e == nullptr || *e == '\0') return dflt;  // unset: the per-variant default
   return std::max(0, std::min(hi, std::atoi(e)));
 }
-int gemv_max_m() {
-  static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", 2, 16);
-  return v;
+int gemv_max_m(bool g128) {
+  static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", -1, 16);
+  return v >= 0 ? v : (g128 ? 4 : 2);
 }
-int mmv_max_m() {
-  static const int v = env_int("VLLM_QOQ_MMV_MAX_M", 16, 32);
-  return v;
+int mmv_max_m(bool g128) {
+  static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
+  return v >= 0 ? v : (g128 ? 16 : 0);
 }
 
-int choose_path(const W4A8Args& a, int requested, int device, cudaStream_t stream) {
+int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStream_t stream) {
   if (requested == 0) requested = forced_path();
   // the GEMV serves M <= 16, the MMV M <= 32; a forced path 5/6 beyond that falls back to
   // the default choice
-  if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m())) return 5;
-  if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m())) return 6;
+  if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128))) return 5;
+  if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128))) return 6;
   if (requested >= 5) requested = 0;
   if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
   if (requested == 1) return 1;
@@ -202,7 +203,7 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   if (a.M == 0 || a.N == 0) return out;
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const int path = choose_path(a, requested_path, dev.index(), stream);
+  const int path = choose_path(a, g128, requested_path, dev.index(), stream);
   if (path == 5 || path == 6) {
     g128 ? w4a8_gemv_g128(a, ok, path == 6, stream) : w4a8_gemv_chn(a, ok, path == 6, stream);
   } else if (path >= 3) {

@@ -225,15 +225,11 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
 
-  // Register double buffer: the next step's 4 x 16 bytes are in flight while this step
-  // computes, so a warp never waits a full memory latency per step.
-  uint4 wn[kStep];
-  load_step(wn, wptr, kc_begin + warp * kStep, kc_end);
+  // (No register double buffer here, unlike the GEMV: the extra registers cost the MMV
+  // more occupancy than the overlap gains -- H100 sweeps, gemm-notes.md.)
   for (int kc = kc_begin + warp * kStep; kc < kc_end; kc += kWarps * kStep) {
     uint4 w[kStep];
-#pragma unroll
-    for (int s = 0; s < kStep; ++s) w[s] = wn[s];
-    load_step(wn, wptr, kc + kWarps * kStep, kc_end);
+    load_step(w, wptr, kc, kc_end);
     uint32_t s2w = 0, znw = 0;
     if constexpr (G128) {
       const int64_t off = static_cast<int64_t>(kc / kStep) * a.Np + nc * 32 + 4 * g;

@@ -89,8 +89,8 @@ def test_quantize_per_token_3d_and_ties():
 # ---------------------------------------------------------------- exact accumulators
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
-# M <= VLLM_QOQ_GEMV_MAX_M, default 2); 6: the mma.sync weight stream (M <= 32; real ops
-# up to VLLM_QOQ_MMV_MAX_M, default 16).  (2 = the wgmma default, one of 3/4.)
+# M <= VLLM_QOQ_GEMV_MAX_M, default 2 per-channel / 4 g128); 6: the mma.sync weight stream
+# (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off / 16).  (2 = the wgmma default.)
 PATHS = [1, 3, 4, 5, 6]
 MAX_M = {5: 16, 6: 32}
 

@@ -118,9 +118,9 @@ def test_gather_dequant_checks_its_arguments():
     table = torch.zeros(1, 4, dtype=torch.int32, device=DEV)
     cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
     out = torch.empty(10, 2, 128, dtype=torch.bfloat16, device=DEV)
-    with pytest.raises(RuntimeError, match="exceeds the block table"):
+    with pytest.raises(ValueError, match="exceeds the block table"):
         ops.kv4_gather_dequant(cache, table, cu, 65, out, out.clone())
-    with pytest.raises(RuntimeError, match="KV heads"):
+    with pytest.raises(ValueError, match="KV heads"):
         bad = torch.empty(10, 3, 128, dtype=torch.bfloat16, device=DEV)
         ops.kv4_gather_dequant(cache, table, cu, 10, bad, bad.clone())
 

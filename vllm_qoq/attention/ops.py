@@ -115,4 +115,18 @@ def kv4_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc,
 
 
 def kv4_gather_dequant(kv_cache, block_table, cu_seqlens_k, max_seqlen_k: int, k_out, v_out) -> None:
+    # Host-side shape checks (no device sync) before the op, whose own TORCH_CHECKs repeat
+    # them: an exception raised inside the compiled extension was seen to crash some
+    # processes on the device toolchain (docs/kernels.md, known issues).
+    if k_out.dim() != 3 or k_out.shape != v_out.shape:
+        raise ValueError(f"kv4_gather_dequant: k_out/v_out must be equal [tokens, heads, head_dim], "
+                         f"got {tuple(k_out.shape)} and {tuple(v_out.shape)}")
+    heads, d = k_out.shape[1], k_out.shape[2]
+    if kv_cache.dim() != 4 or kv_cache.shape[2] != heads:
+        raise ValueError(f"kv4_gather_dequant: the outputs have {heads} KV heads, the cache "
+                         f"{tuple(kv_cache.shape)} has {kv_cache.shape[2] if kv_cache.dim() == 4 else '?'}")
+    block_size = kv_cache.shape[3] // (d // 2 + 4)
+    if max_seqlen_k > block_table.shape[-1] * block_size:
+        raise ValueError(f"kv4_gather_dequant: max_seqlen_k={max_seqlen_k} exceeds the block table "
+                         f"({block_table.shape[-1]} blocks of {block_size} tokens)")
     torch.ops.qoq.kv4_gather_dequant(kv_cache, block_table, cu_seqlens_k, max_seqlen_k, k_out, v_out)
