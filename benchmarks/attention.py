@@ -247,6 +247,40 @@ def cases(quick: bool):
             yield "prefill", b, c, ql, hq, hkv, d
 
 
+def summary_md(res: dict) -> str:
+    """Markdown tables of one run: qoq KV4 next to each baseline, ratios of times."""
+    t: dict = {}
+    for r in res["rows"]:
+        key = (r["phase"], r["batch"], r["context"], r.get("q_len"), r["head_dim"])
+        t.setdefault(key, {})[r["impl"]] = r
+    out = [f"# KV4 attention — {res['device']}", "",
+           f"{res['date']}, torch {res['torch']}, vLLM {res['vllm']}, command `{res['command']}`. "
+           f"32 query / 8 KV heads, bf16, block 16. µs per call; ratio = baseline time / qoq "
+           f"time (> 1: qoq faster); % HBM = bytes the qoq call must read / "
+           f"{res.get('hbm_gbps')} GB/s.", ""]
+    for phase in ("decode", "prefill"):
+        keys = sorted(k for k in t if k[0] == phase and "qoq_kv4" in t[k])
+        if not keys:
+            continue
+        out += [f"## {phase}", "",
+                "| batch | context | q_len | head_dim | qoq_kv4 | qoq_kv4_fused | fa3_bf16 | fa3_fp8 | "
+                "triton_int4 | x fa3_bf16 | x fa3_fp8 | qoq % HBM |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for k in keys:
+            v = t[k]
+            q = v["qoq_kv4"]["us"]
+            cell = lambda n: f"{v[n]['us']:.1f}" if n in v else "—"  # noqa: E731
+            ratio = lambda n: f"{v[n]['us'] / q:.2f}" if n in v else "—"  # noqa: E731
+            out.append(f"| {k[1]} | {k[2]} | {k[3]} | {k[4]} | {q:.1f} | {cell('qoq_kv4_fused')} | "
+                       f"{cell('fa3_bf16')} | {cell('fa3_fp8')} | {cell('triton_int4')} | "
+                       f"{ratio('fa3_bf16')} | {ratio('fa3_fp8')} | {v['qoq_kv4'].get('pct_hbm')} |")
+        out.append("")
+        out.append("")
+    if res.get("skipped"):
+        out += ["Skipped:", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few shapes, few iterations")
@@ -254,7 +288,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lib", default=os.environ.get("QOQ_KV4_LIB"))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--phases", nargs="*", default=["decode", "prefill"])
+    ap.add_argument("--markdown", default=None, metavar="JSON",
+                    help="only (re)write the markdown summary of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.markdown:
+        src = Path(args.markdown)
+        src.with_suffix(".md").write_text(summary_md(json.loads(src.read_text())))
+        print(f"wrote {src.with_suffix('.md')}")
+        return 0
     if args.lib:
         torch.ops.load_library(args.lib)
     from vllm_qoq.attention import ops
@@ -319,7 +360,8 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    path.with_suffix(".md").write_text(summary_md(out))
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
     return 0
 
 
