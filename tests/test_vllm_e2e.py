@@ -6,7 +6,8 @@ One subprocess (tests/vllm_job.py) runs every engine of this module in turn:
     unquantized vLLM run of the *same fake-quantized weights*
     (`converters.quantize --fake-quant`) and the original model;
   * SmolLM2-135M (real weights, see converters/models.py) in fp16 and converted
-    per-channel (its hidden size 576 is not a multiple of 128), greedy answer and
+    per-channel (g128 with SmolLM2's K=576 is covered by tests/test_g128_padded_k_vllm_e2e.py
+    and benchmarks/accuracy.py), greedy answer and
     perplexity on the State of the Union eval text.
 
 Tolerance (stated): at the first generated position (identical context) the
