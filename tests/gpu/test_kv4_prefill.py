@@ -17,27 +17,14 @@ importable.  QOQ_KV4_LIB=/path/lib.so loads a separately built kernel library fi
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+from kv4_common import DEV, GPU_ONLY, _kernels, ops, ref  # noqa: F401  (_kernels: autouse fixture)
 
-if torch.cuda.is_available() and os.environ.get("QOQ_KV4_LIB"):
-    torch.ops.load_library(os.environ["QOQ_KV4_LIB"])
-
-from vllm_qoq.attention import ops  # noqa: E402
-from vllm_qoq.reference import kv4 as ref  # noqa: E402
-
-DEV = "cuda"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernels():
-    ops.register_ops()
-    assert ops.has_cuda_kernels(), "the KV4 CUDA kernels are not built (vllm_qoq._C / QOQ_KV4_LIB)"
+pytestmark = GPU_ONLY
 
 
 def _fa():

@@ -78,8 +78,8 @@ def workspace_tokens(max_num_batched_tokens: int) -> int:
 
 # ---------------------------------------------------------------- the split plan
 @dataclass
-class PrefillGroup:
-    """Requests [req_start, req_end) (tokens [tok_start, tok_end)) for gather + varlen."""
+class _RequestRange:
+    """Requests [req_start, req_end) = tokens [tok_start, tok_end) of the batch."""
 
     req_start: int
     req_end: int
@@ -87,21 +87,21 @@ class PrefillGroup:
     tok_end: int
     max_seqlen_q: int
     max_seqlen_k: int
+
+
+@dataclass
+class PrefillGroup(_RequestRange):
+    """A range for gather + varlen."""
+
     num_k: int  # workspace rows: sum of the requests' seq_lens
     cu_seqlens_q: list | torch.Tensor  # [n + 1] int32, rebased to tok_start
     cu_seqlens_k: list | torch.Tensor  # [n + 1] int32
 
 
 @dataclass
-class FusedRun:
-    """Requests [req_start, req_end) whose context exceeds the cap: the fused kernel."""
+class FusedRun(_RequestRange):
+    """A range whose context exceeds the cap: the fused kernel."""
 
-    req_start: int
-    req_end: int
-    tok_start: int
-    tok_end: int
-    max_seqlen_q: int
-    max_seqlen_k: int
     query_start_loc: list | torch.Tensor  # [n + 1] int32, rebased to tok_start
 
 
