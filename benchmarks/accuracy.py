@@ -234,6 +234,8 @@ def main(argv=None) -> int:
                         "text": "shared/data/sotu/sotu_calib_1934_2000.jsonl"},
     }
     plan = []  # (row, checkpoint or None, runtime)
+    have = {(r["model"], r["config"], r["metric"], r["runtime"]) for r in doc["rows"]
+            if r.get("value") is not None}  # measured rows (--skip-existing)
     for name in args.configs:
         ckpt, reason = build(name, src, cache, args)
         label = CONFIGS[name][0]
@@ -244,8 +246,6 @@ def main(argv=None) -> int:
                     continue  # the fake-quant reference does not quantize the KV cache
                 row = {"model": "SmolLM2-135M", "config": cfg_label, "metric": metric, "value": None,
                        "runtime": f"{prefix}/{'vllm' if rt == 'vllm' else 'fake-quant'}"}
-                have = {(r["model"], r["config"], r["metric"], r["runtime"]) for r in doc["rows"]
-                        if r.get("value") is not None}
                 if args.skip_existing and (row["model"], row["config"], row["metric"], row["runtime"]) in have:
                     continue
                 if ckpt is None:

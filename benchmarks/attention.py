@@ -275,7 +275,6 @@ def summary_md(res: dict) -> str:
                        f"{cell('fa3_bf16')} | {cell('fa3_fp8')} | {cell('triton_int4')} | "
                        f"{ratio('fa3_bf16')} | {ratio('fa3_fp8')} | {v['qoq_kv4'].get('pct_hbm')} |")
         out.append("")
-        out.append("")
     if res.get("skipped"):
         out += ["Skipped:", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()] + [""]
     return "\n".join(out)

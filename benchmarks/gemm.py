@@ -87,34 +87,11 @@ def _rand_u8(shape, gen, lo=0, hi=256):
     return torch.randint(lo, hi, shape, device="cuda", dtype=torch.uint8, generator=gen)
 
 
-def build_qoq(variant, m, n, k, gen):
-    from vllm_qoq import ops
-
-    ops.register_ops()
-    if not ops.has_cuda_kernels():
-        raise Skip(f"vllm_qoq._C not built: {ops.extension_error()}")
-    if variant == "g128" and k % 128:
-        raise Skip("g128 needs K % 128 == 0")
-    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-    qx, sx, qsum = ops.quantize_per_token(x)
-    # Random codes in the kernel layout (a permutation of random codes is random codes).
-    qweight = _rand_u8((n, k // 2), gen)
-    scales = (torch.rand(n, device="cuda", generator=gen) * 0.01 + 0.001).half()
-    if variant == "chn":
-        szeros = (torch.rand(n, device="cuda", generator=gen) * 0.1).half()
-        return lambda: ops.w4a8_chn_gemm(qx, sx, qsum, qweight, scales, szeros, None,
-                                         torch.bfloat16)
-    g = k // 128
-    s2 = _rand_u8((g, n), gen, 1, 9)  # q8 = s2*(u - 8) stays inside int8
-    zneg = ((256 - 8 * s2.int()) % 256).to(torch.uint8)
-    return lambda: ops.w4a8_g128_gemm(qx, sx, qweight, scales, s2, zneg, None, torch.bfloat16)
-
-
-def build_qoq_path(variant, path, m, n, k, gen):
-    """One kernel path of the qoq GEMM, forced (qoq_debug::w4a8_acc: int32 accumulators
-    out, no float epilogue): `--impls qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1)
-    with the dp4a GEMV (5); 6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma
-    without/with CTA-pair multicast."""
+def build_qoq(variant, m, n, k, gen, path=None):
+    """The qoq GEMM as the real ops run it, or (path given) one kernel path forced through
+    qoq_debug::w4a8_acc (int32 accumulators out, no float epilogue): `--impls
+    qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1) with the dp4a GEMV (5);
+    6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma without/with CTA-pair multicast."""
     from vllm_qoq import ops
 
     ops.register_ops()
@@ -126,13 +103,23 @@ def build_qoq_path(variant, path, m, n, k, gen):
         raise Skip(f"path {path} does not serve M={m}")
     if path in (2, 3, 4) and not torch.ops.qoq_debug.sm90_available():
         raise Skip("no sm_90a kernels on this GPU/build")
-    qx = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=gen)
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    qx, sx, qsum = ops.quantize_per_token(x)
+    # Random codes in the kernel layout (a permutation of random codes is random codes).
     qweight = _rand_u8((n, k // 2), gen)
+    scales = (torch.rand(n, device="cuda", generator=gen) * 0.01 + 0.001).half()
     if variant == "chn":
-        return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, None, None, n, path)
-    s2 = _rand_u8((k // 128, n), gen, 1, 9)
+        if path is not None:
+            return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, None, None, n, path)
+        szeros = (torch.rand(n, device="cuda", generator=gen) * 0.1).half()
+        return lambda: ops.w4a8_chn_gemm(qx, sx, qsum, qweight, scales, szeros, None,
+                                         torch.bfloat16)
+    g = k // 128
+    s2 = _rand_u8((g, n), gen, 1, 9)  # q8 = s2*(u - 8) stays inside int8
     zneg = ((256 - 8 * s2.int()) % 256).to(torch.uint8)
-    return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, s2, zneg, n, path)
+    if path is not None:
+        return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, s2, zneg, n, path)
+    return lambda: ops.w4a8_g128_gemm(qx, sx, qweight, scales, s2, zneg, None, torch.bfloat16)
 
 
 def build_bf16(m, n, k, gen):
@@ -262,7 +249,7 @@ def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
     else:
         if "@" in impl:  # qoq_chn@5: a forced kernel path
             variant, path = impl.split("@")
-            builder = lambda m, n, k, g: build_qoq_path(variant[4:], int(path), m, n, k, g)
+            builder = lambda m, n, k, g: build_qoq(variant[4:], m, n, k, g, int(path))
         else:
             builder = BUILDERS[impl]
         per_call, build = min_bytes(impl, m, n, k), lambda: builder(m, n, k, gen)

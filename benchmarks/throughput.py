@@ -221,19 +221,19 @@ def main(argv=None) -> int:
                    help="override the protocol's 1000 prompts (smoke runs only)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # after "--": more `vllm bench throughput` arguments for every config (they win)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    extra = argv[cut + 1:]
+    a = p.parse_args(argv[:cut])
     workdir = a.workdir or tempfile.mkdtemp(prefix="qoq-throughput-")
     meta = _versions()
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    rows, rc = [], 0
+    rc = 0
     for name in a.configs:
         log = os.path.join(os.path.dirname(os.path.abspath(a.out)), f"throughput-{name}.log")
         row = run_config(name, a.shape, workdir, log, a.timeout, extra, a.num_prompts)
         row.update(meta, date=date)
         if a.num_prompts is not None:
             row["num_prompts"] = a.num_prompts
-        rows.append(row)
         doc = merge(a.out, [row])
         with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
             f.write(markdown(doc))

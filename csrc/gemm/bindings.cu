@@ -93,8 +93,9 @@ bool sm90_ok(int device, cudaStream_t stream) {
 }
 
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
-// choice is only about speed: on Hopper the wgmma kernels for M > 16, the mma.sync decode
-// kernel (memory-bound) below.  Returns 1, 3 or 4 (2 resolved to its default).
+// choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M,
+// then the mma.sync tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
+// returns 1, 3, 4, 5 or 6 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2 per-channel, 4 g128;
 // at most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off for
 // per-channel, 16 for g128; at most 32); 0 turns either off.  Defaults from the H100
