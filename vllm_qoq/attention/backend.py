@@ -283,10 +283,16 @@ class QoQKV4AttentionBackend(compat.AttentionBackend):
         head_size: int,
         cache_dtype_str: str = compat.KV4_CACHE_DTYPE,
     ) -> tuple[int, ...]:
+        # 0.26/0.28 (0.32+ never call it: kv4_cache_layouts + compat.kv4_pages).
         # Always the KV4 layout: vLLM also calls this to probe where the block dim is.
         # A layer that is not int4_per_token_head never reaches the impl (its
         # __init__ refuses other cache dtypes).
         return ref.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        """0.32+: the layouts whose blocks compat.kv4_pages re-reads as our pages."""
+        return compat.kv4_cache_layouts()
 
     @classmethod
     def customize_spec(cls, spec):
@@ -448,6 +454,7 @@ class QoQKV4AttentionImpl(compat.AttentionImpl):
         n = slot_mapping.shape[0]
         if n == 0:
             return
+        kv_cache = compat.kv4_pages(kv_cache, self.num_kv_heads, self.head_size)
         ops.kv4_cache_write(key[:n], value[:n], kv_cache, slot_mapping)
 
     def forward(
@@ -472,6 +479,7 @@ class QoQKV4AttentionImpl(compat.AttentionImpl):
             return output
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        kv_cache = compat.kv4_pages(kv_cache, self.num_kv_heads, self.head_size)
         plan = attn_metadata.split
         if plan is not None:
             cap = attn_metadata.workspace_tokens
