@@ -41,6 +41,11 @@ def test_page_size_vllm_budgets_equals_our_cache_shape(d, bs, h):
     assert shape[0] == 7
     assert spec.page_size_bytes == math.prod(shape[1:])  # 1 byte per element (uint8)
     assert spec.page_size_bytes == bs * h * 2 * (d // 2 + 4)
+    if not compat.backend_shapes_the_cache():  # 0.32+: vLLM's [B, H, N, C] view of the spec
+        from vllm.v1.kv_cache_interface import compute_layer_kv_cache_shape_bytes
+
+        view = torch.zeros(compute_layer_kv_cache_shape_bytes(spec, 7), dtype=torch.uint8)
+        assert compat.kv4_pages(view, h, d).shape == shape
 
 
 def test_backend_declares_what_it_supports():
@@ -50,7 +55,10 @@ def test_backend_declares_what_it_supports():
     assert not b.supports_kv_cache_dtype("auto")
     assert b.supports_block_size(16) and b.supports_block_size(128) and not b.supports_block_size(8)
     assert b.forward_includes_kv_cache_update is False
-    assert b.get_kv_cache_block_dim(16, 2, 64, compat.KV4_CACHE_DTYPE) == 0
+    if compat.backend_shapes_the_cache():  # 0.26/0.28
+        assert b.get_kv_cache_block_dim(16, 2, 64, compat.KV4_CACHE_DTYPE) == 0
+    else:  # 0.32+: the layout whose blocks kv4_pages re-reads
+        assert [x.name for x in b.supported_kv_cache_layouts()] == ["LBHNC"]
 
 
 def _config(bits=4, name="qoq", dtype="auto", backend=None):

@@ -190,16 +190,19 @@ def kv4_pages(kv_cache, num_kv_heads: int, head_size: int):
     0.26/0.28 allocate it in that shape already (get_kv_cache_shape).  0.32+ give
     a [blocks, Hkv, block_size, D + 8] view (customize_spec's page content) laid
     out LBHNC (kv4_cache_layouts); each block's bytes are re-read in our order,
-    keeping the block stride (a padded page).  A tensor that is not a 4-d cache
-    (not allocated yet) is returned as is.
+    keeping the block stride (a padded page).  Our pages (last dim block_size *
+    (D/2 + 4) >= 16 * (D/2 + 4), never D + 8: block sizes are multiples of 16) and
+    a tensor that is not a 4-d cache (not allocated yet) are returned as is.
     """
-    if backend_shapes_the_cache() or kv_cache.dim() != 4:
+    if backend_shapes_the_cache():
         return kv_cache
     from .reference.kv4 import SZ_BYTES
 
-    nb, h, n, c = kv_cache.shape
     per_token = head_size // 2 + SZ_BYTES
-    if h != num_kv_heads or c != 2 * per_token:
+    if kv_cache.dim() != 4 or kv_cache.shape[3] != 2 * per_token:
+        return kv_cache
+    nb, h, n, c = kv_cache.shape
+    if h != num_kv_heads:
         raise ValueError(
             f"vllm_qoq KV4: expected a [blocks, {num_kv_heads}, block_size, {2 * per_token}] "
             f"cache view, got {tuple(kv_cache.shape)}"
