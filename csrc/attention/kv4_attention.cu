@@ -17,11 +17,43 @@
 // Dequantization without dequantizing.  With x = c*s + m (m = -zero*s) per token:
 //   q.k_t  = s_t * (q . c_t) + m_t * sum(q)
 //   sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t m_t
-// so the tensor cores multiply raw 4-bit codes: a code becomes an fp16/bf16 operand
-// with one LOP3 (OR the nibble into the mantissa of 1024.0 / 128.0) and one HSUB2
-// (subtract the magic), two codes per instruction; scales enter once per token in
+// so the tensor cores multiply raw 4-bit codes and scales enter once per token in
 // fp32, never per element.
 //
+// Biased codes.  A code becomes an fp16/bf16 operand with one LOP3 per two codes,
+// (w & mask) | magic, which ORs the nibble into the mantissa of the magic number M
+// (fp16 1024.0, bf16 128.0; both have ulp 1 there).  Nothing subtracts M per element:
+// the operands stay biased and the bias leaves in fp32 once per row or tile.
+//   fp16: every code is taken at bits 4-7 (mask 0x00F000F0; nibbles shifted there by
+//     w << 4, w, w >> 4, w >> 8), i.e. as 1024 + 16c (exact: 16*15 < 1024), against a
+//     partner pre-divided by 16.  The 16 is for precision, not speed: the bias is then
+//     64x, not 1024x, the q.c (or P'c) it rides on, and fp32 sums keep 16x more of it.
+//   bf16: bits 4-7 of a bf16 reach the exponent; codes are shifted to bits 0-3 (w, w >>
+//     4, w >> 8, w >> 12) and are 128 + c.
+//   Either way 3 SHF + 4 LOP3 per 32-bit word of 8 codes (+ 1 PRMT per word for V); it
+//   was 3 SHF + 8 LOP3 (nvcc split the AND and the OR) + 4 HSUB2 when every pair of
+//   codes was unbiased on the spot.  (Mixing 1024 + c for the low nibbles and 1024 +
+//   16c for the high ones would save 2 SHF per word, but tests/test_kv4_bias_fold.py
+//   emulates ~80x the score error for a query with a common offset, and for V with
+//   codes crowded at one end (an outlier channel) more than the fp16 output tolerance
+//   under a truncating accumulator, against 0.1 of it for 1024 + 16c.)
+// K (B = K^T).  Q' = fp16(q/16) (exact: a power of two; subnormal below 2^-10, and
+//   then B_q below uses the same rounded values), bf16 Q' = q.  With u = 16 / 1:
+//     acc = sum_d Q'_d (M + u c_d) = q.c + B_q,   B_q = M * sum_d Q'_d,
+//   B_q per row from the packed Q' fragments converted back to fp32, once per CTA; it
+//   is the initial value of one S accumulator chain, so S comes out as q.c directly.
+// V (B = V, A = P' = fp16/bf16(p * s_v)).
+//     acc_i = sum_t P'_t (M + u c_t),   sum_t P'_t c_t = (acc_i - PS) / u,
+//   PS = M * sum_t P'_t comes from one more mma per tile, P' times a B of all M: the
+//   tensor core sums exactly the rounded P' it multiplied (an fp32 sum of the
+//   unrounded p * s_v would be off by M x their rounding: far too much), already
+//   reduced over the quad and in the accumulator layout.  The online softmax rescales
+//   acc and PS alike; the rescale branch folds PS into acc ((acc - PS) * al, PS = 0),
+//   and is forced every kFoldTiles tiles so that acc never carries more than a few
+//   tiles of bias: the tensor core's fp32 accumulation truncates (not IEEE), with an
+//   error that grows with the accumulator, which the bias inflates (8192 keys without
+//   the fold: ~17x the error, emulated).  After the key loop: acc_i = (acc_i - PS) / u.
+
 // Register fragments (PTX mma.m16n8k16, g = lane/4, c = lane%4):
 //   A (16x16): {A[g][2c..2c+1]}, {A[g+8][2c..]}, {A[g][2c+8..2c+9]}, {A[g+8][2c+8..]}
 //   B (16x8):  {B[2c..2c+1][g]}, {B[2c+8..2c+9][g]};  C: {C[g][2c..2c+1]}, {C[g+8][2c..]}
@@ -30,7 +62,7 @@
 //   the dims chosen to make the B fragment cheap: thread c reads 16 B (D=128) of codes
 //   of key g (and key 8+g), dims [c*D/4, (c+1)*D/4); in k-step j it uses word j/2 of
 //   that segment, nibbles (e0,e4 | e1,e5) for even j and (e2,e6 | e3,e7) for odd j
-//   (each pair = one LOP3 on the word shifted by 0/4/8/12).  Q is loaded in the same
+//   (each pair = one LOP3 on the shifted word, see above).  Q' is loaded in the same
 //   permuted order once per CTA.
 // O = P V: A = P, which is exactly the S accumulators of two key n-tiles (the FA2
 //   register reuse); B = V (k = 16 keys, n = 8 dims).  B pairs two keys per register,
@@ -39,7 +71,8 @@
 //   keys' bytes before the LOP3s.  n-tile i's column n is dim n*D/8 + i, so the
 //   thread's outputs (cols 2c, 2c+1) are dims 2c*D/8 + i and (2c+1)*D/8 + i.
 // Keys beyond a row's causal end (and the rest of a partially filled page, whose
-// bytes may be stale) are masked with selects, so NaN scales there never leak.
+// bytes may be stale) are masked with selects, so NaN scales there never leak: their
+// P' is 0, so their (finite, biased) codes add nothing to acc or PS.
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -66,22 +99,43 @@ constexpr int kThreads = 32 * kWarps;
 template <int D>
 constexpr int min_blocks() { return D == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MIN_BLOCKS_128; }
 constexpr float kLog2e = 1.4426950408889634f;
+// the V bias is folded into the accumulators at least every kFoldTiles tiles of a warp
+constexpr int kFoldTiles = 8;
 
 // ---- element-type traits ------------------------------------------------------------
+// (w & MASK) | MAGIC: two codes as biased 16-bit operands (see the header comment).  One
+// lop3 (LUT 0xEA = a & b | c); written as C++, the compiler emits an AND and an OR.
+template <uint32_t MASK, uint32_t MAGIC>
+__device__ __forceinline__ uint32_t lop_or(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w), "n"(MASK), "n"(MAGIC));
+  return r;
+}
+
 template <typename T>
 struct Traits;
 
 template <>
 struct Traits<half> {
   static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
-  __device__ static __forceinline__ uint32_t unbias(uint32_t x) {
-    uint32_t m = kMagic;
-    half2 r = __hsub2(*reinterpret_cast<half2*>(&x), *reinterpret_cast<half2*>(&m));
-    return *reinterpret_cast<uint32_t*>(&r);
+  static constexpr float kBias = 1024.f;           // M
+  static constexpr float kQScale = 0.0625f;        // Q' = q / 16 against 1024 + 16c
+  static constexpr float kVScale = 0.0625f;        // sum P'c = (acc - PS) / 16
+  // word -> B registers of nibble pairs {(e0,e4), (e1,e5), (e2,e6), (e3,e7)} (a PRMT'd
+  // V word: {e0, e1, e2, e3} of its two keys), each code as 1024 + 16c
+  __device__ static __forceinline__ void codes(uint32_t w, uint32_t (&b)[4]) {
+    b[0] = lop_or<0x00F000F0u, kMagic>(w << 4);
+    b[1] = lop_or<0x00F000F0u, kMagic>(w);
+    b[2] = lop_or<0x00F000F0u, kMagic>(w >> 4);
+    b[3] = lop_or<0x00F000F0u, kMagic>(w >> 8);
   }
   __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
     half2 r = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float sum2(uint32_t x) {  // lo + hi of a packed pair
+    const float2 f = __half22float2(*reinterpret_cast<half2*>(&x));
+    return f.x + f.y;
   }
   __device__ static __forceinline__ float to_f32(half x) { return __half2float(x); }
   __device__ static __forceinline__ half from_f32(float x) { return __float2half_rn(x); }
@@ -98,15 +152,23 @@ struct Traits<half> {
 template <>
 struct Traits<__nv_bfloat16> {
   static constexpr uint32_t kMagic = 0x43004300u;  // bfloat162(128, 128)
-  __device__ static __forceinline__ uint32_t unbias(uint32_t x) {
-    uint32_t m = kMagic;
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x),
-                               *reinterpret_cast<__nv_bfloat162*>(&m));
-    return *reinterpret_cast<uint32_t*>(&r);
+  static constexpr float kBias = 128.f;
+  static constexpr float kQScale = 1.f;
+  static constexpr float kVScale = 1.f;
+  // as Traits<half>::codes, every nibble shifted to bits 0-3: 128 + c
+  __device__ static __forceinline__ void codes(uint32_t w, uint32_t (&b)[4]) {
+    b[0] = lop_or<0x000F000Fu, kMagic>(w);
+    b[1] = lop_or<0x000F000Fu, kMagic>(w >> 4);
+    b[2] = lop_or<0x000F000Fu, kMagic>(w >> 8);
+    b[3] = lop_or<0x000F000Fu, kMagic>(w >> 12);
   }
   __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float sum2(uint32_t x) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+    return f.x + f.y;
   }
   __device__ static __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
@@ -119,12 +181,6 @@ struct Traits<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
-
-// Two nibbles of w (bits [sh, sh+4) and [sh+16, sh+20)) as a biased 16-bit pair.
-template <typename T>
-__device__ __forceinline__ uint32_t nib2(uint32_t w, int sh) {
-  return Traits<T>::unbias(((w >> sh) & 0x000F000Fu) | Traits<T>::kMagic);
-}
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t r;
@@ -246,8 +302,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
   const bool ok0 = r0 < rows, ok1 = r1 < rows;
   const int end0 = ok0 ? first_pos + r0 / G + 1 : 0;  // keys [0, end) visible
   const int end1 = ok1 ? first_pos + r1 / G + 1 : 0;
-  uint32_t qa[KSTEPS][4];
-  float qsum0 = 0.f, qsum1 = 0.f;
+  uint32_t qa[KSTEPS][4];          // Q' = q * kQScale (see the header comment)
+  float qsum0 = 0.f, qsum1 = 0.f;  // sum(q)
+  float bq0 = 0.f, bq1 = 0.f;      // sum(Q'), then B_q = M * sum(Q')
   {
     const T* qp0 = static_cast<const T*>(a.q) + (int64_t)(q0 + r0 / G) * a.q_stride_t +
                    (int64_t)(kvh * G + r0 % G) * a.q_stride_h;
@@ -267,17 +324,27 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
 #pragma unroll
       for (int half_ = 0; half_ < 2; ++half_) {  // k-step 2*wi + half_, nibbles p = 0 or 2
         const int p = 2 * half_;
+        constexpr float k = Tr::kQScale;
         uint32_t* f = qa[2 * wi + half_];
-        f[0] = Tr::pack(x0[p], x0[p + 4]);
-        f[1] = Tr::pack(x1[p], x1[p + 4]);
-        f[2] = Tr::pack(x0[p + 1], x0[p + 5]);
-        f[3] = Tr::pack(x1[p + 1], x1[p + 5]);
+        f[0] = Tr::pack(x0[p] * k, x0[p + 4] * k);
+        f[1] = Tr::pack(x1[p] * k, x1[p + 4] * k);
+        f[2] = Tr::pack(x0[p + 1] * k, x0[p + 5] * k);
+        f[3] = Tr::pack(x1[p + 1] * k, x1[p + 5] * k);
+        // B_q from the rounded operands the mma multiplies, so that it cancels there
+        bq0 += Tr::sum2(f[0]) + Tr::sum2(f[2]);
+        bq1 += Tr::sum2(f[1]) + Tr::sum2(f[3]);
       }
     }
     qsum0 += __shfl_xor_sync(0xffffffffu, qsum0, 1);
     qsum0 += __shfl_xor_sync(0xffffffffu, qsum0, 2);
     qsum1 += __shfl_xor_sync(0xffffffffu, qsum1, 1);
     qsum1 += __shfl_xor_sync(0xffffffffu, qsum1, 2);
+    bq0 += __shfl_xor_sync(0xffffffffu, bq0, 1);
+    bq0 += __shfl_xor_sync(0xffffffffu, bq0, 2);
+    bq1 += __shfl_xor_sync(0xffffffffu, bq1, 1);
+    bq1 += __shfl_xor_sync(0xffffffffu, bq1, 2);
+    bq0 *= Tr::kBias;
+    bq1 *= Tr::kBias;
   }
 
   // ---- key range of this CTA: the tile's causal span, cut into splits
@@ -297,26 +364,31 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
 #pragma unroll
   for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, mv0 = 0.f, mv1 = 0.f;
+  // PS: M * sum of the P' whose bias is still in acc; rows g ([0], [1]) and g+8 ([2], [3])
+  float ps[4] = {0.f, 0.f, 0.f, 0.f};
 
 
 
-  // One 16-key tile: scores, online softmax, P V.
-  auto process = [&](const TileRegs<D>& cur, const int t) {
+  // One 16-key tile: scores, online softmax, P V.  fold: fold the V bias now.
+  auto process = [&](const TileRegs<D>& cur, const int t, const bool fold) {
     // S = Q K^T for keys [0, 8) and [8, 16) of the tile; even and odd k-steps go to
-    // separate accumulators so four independent mma chains overlap their latency
+    // separate accumulators so four independent mma chains overlap their latency.  One
+    // chain starts at -B_q: s + s2 = q . c.
     float s[2][4], s2[2][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      s[n][0] = s[n][1] = -bq0;
+      s[n][2] = s[n][3] = -bq1;
       s2[n][0] = s2[n][1] = s2[n][2] = s2[n][3] = 0.f;
     }
 #pragma unroll
     for (int j = 0; j < KSTEPS; j += 2) {
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const uint32_t w = cur.k[n][j / 2];
-        Tr::mma(s[n], qa[j], nib2<T>(w, 0), nib2<T>(w, 4));
-        Tr::mma(s2[n], qa[j + 1], nib2<T>(w, 8), nib2<T>(w, 12));
+        uint32_t bk[4];
+        Tr::codes(cur.k[n][j / 2], bk);
+        Tr::mma(s[n], qa[j], bk[0], bk[1]);
+        Tr::mma(s2[n], qa[j + 1], bk[2], bk[3]);
       }
     }
 #pragma unroll
@@ -382,16 +454,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
       mv1 = mv1 * al1 + (p[0][2] * vm[0][0] + p[0][3] * vm[0][1] + p[1][2] * vm[1][0] +
                          p[1][3] * vm[1][1]);
     }
-    if (al0 != 1.f || al1 != 1.f) {  // the running max moved (rare after the first tiles)
+    // the running max moved (rare after the first tiles), or the V bias is due: fold the
+    // bias out of acc while rescaling, acc = (acc - PS) * al, PS = 0
+    if (al0 != 1.f || al1 != 1.f || fold) {
+      const float nb0 = -ps[0] * al0, nb1 = -ps[2] * al1;
 #pragma unroll
       for (int i = 0; i < NT; ++i) {
-        acc[i][0] *= al0;
-        acc[i][1] *= al0;
+        acc[i][0] = fmaf(acc[i][0], al0, nb0);
+        acc[i][1] = fmaf(acc[i][1], al0, nb0);
         if constexpr (R2) {
-          acc[i][2] *= al1;
-          acc[i][3] *= al1;
+          acc[i][2] = fmaf(acc[i][2], al1, nb1);
+          acc[i][3] = fmaf(acc[i][3], al1, nb1);
         }
       }
+      ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
     }
     // P' = p * s_v as the A fragment (keys 2c,2c+1 | 2c+8,2c+9)
     uint32_t pa[4] = {0u, 0u, 0u, 0u};
@@ -401,7 +477,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
       pa[1] = Tr::pack(p[0][2] * vs[0][0], p[0][3] * vs[0][1]);
       pa[3] = Tr::pack(p[1][2] * vs[1][0], p[1][3] * vs[1][1]);
     }
-    // O += P' C_v: V codes of key pairs interleaved per byte by PRMT
+    // PS += M * sum_k P' (in every column): the bias this tile's mmas add to acc
+    Tr::mma(ps, pa, Tr::kMagic, Tr::kMagic);
+    // O += P' (M + u C_v): V codes of key pairs interleaved per byte by PRMT
 #pragma unroll
     for (int wi = 0; wi < TileRegs<D>::VW; ++wi) {
 #pragma unroll
@@ -409,10 +487,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
         const uint32_t sel = hb ? 0x7632u : 0x5410u;
         const uint32_t lo = prmt(cur.v[0][wi], cur.v[1][wi], sel);  // keys 2c | 2c+1
         const uint32_t hi = prmt(cur.v[2][wi], cur.v[3][wi], sel);  // keys 2c+8 | 2c+9
+        uint32_t bl[4], bh[4];
+        Tr::codes(lo, bl);
+        Tr::codes(hi, bh);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = wi * 8 + hb * 4 + e;  // n-tile
-          Tr::mma(acc[i], pa, nib2<T>(lo, 4 * e), nib2<T>(hi, 4 * e));
+          Tr::mma(acc[i], pa, bl[e], bh[e]);
         }
       }
     }
@@ -449,10 +530,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks<D>()) kv4_attention_kerne
     __syncwarp();
     TileRegs<D> r;
     load_stage<D>(r, ring + (i % kStages) * stage_bytes<D>(), g, c);
-    process(r, t0 + i * kWarps);
+    process(r, t0 + i * kWarps, (i % kFoldTiles) == kFoldTiles - 1);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait<0>();
+  // the rest of the V bias out: sum P'c = (acc - PS) / u
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    acc[i][0] = (acc[i][0] - ps[0]) * Tr::kVScale;
+    acc[i][1] = (acc[i][1] - ps[0]) * Tr::kVScale;
+    acc[i][2] = (acc[i][2] - ps[2]) * Tr::kVScale;
+    acc[i][3] = (acc[i][3] - ps[2]) * Tr::kVScale;
+  }
 
   // ---- merge the warps: quad sums, per-warp stats, fragments through shared memory
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
