@@ -13,6 +13,8 @@ Configs (each converted once and cached under .cache/accuracy/):
   qoq-g128      QoQ W4A8 g128
   qoq-chn-nosa  QoQ per-channel without SmoothAttention
   qoq-g128-nosa QoQ g128 without SmoothAttention
+  qoq-chn-rotv, qoq-g128-rotv  QoQ + a per-head Hadamard on v_proj/o_proj
+                (--rotate-v-heads: V's outliers spread before KV4 quantizes it)
 Each quantized config is measured with KV16 and, with --kv-bits 4, KV4 (the same
 weights; only config.json's kv_cache_bits differs).  Runtimes:
   vllm       vLLM with the vllm_qoq plugin (CUDA kernels on a GPU; the plugin's
@@ -52,6 +54,10 @@ CONFIGS = {
                      ["-m", "converters.recipe.cli", "--group-size", "-1", "--no-smooth-attention"]),
     "qoq-g128-nosa": ("QoQ W4A8 g128, no SmoothAttention",
                       ["-m", "converters.recipe.cli", "--group-size", "128", "--no-smooth-attention"]),
+    "qoq-chn-rotv": ("QoQ W4A8 per-channel, V heads rotated",
+                     ["-m", "converters.recipe.cli", "--group-size", "-1", "--rotate-v-heads"]),
+    "qoq-g128-rotv": ("QoQ W4A8 g128, V heads rotated",
+                      ["-m", "converters.recipe.cli", "--group-size", "128", "--rotate-v-heads"]),
 }
 
 
@@ -163,7 +169,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, runs: list[dict] | 
             keys.append(k)
     order = ["fp16", "RTN", "QoQ"]
     keys.sort(key=lambda k: (k[0], k[2], next((i for i, o in enumerate(order) if k[1].startswith(o)), 9),
-                             "g128" in k[1], "no Smooth" in k[1], "KV4" in k[1]))
+                             "g128" in k[1], "no Smooth" in k[1], "V heads" in k[1], "KV4" in k[1]))
     lines += ["", "| model | config | metric | " + " | ".join(runtimes) + " |",
               "|---|---|---|" + "---|" * len(runtimes)]
     for k in keys:
@@ -187,6 +193,28 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, runs: list[dict] | 
     path.write_text("\n".join(lines) + "\n")
 
 
+def row_key(r: dict) -> tuple:
+    return (r["model"], r["config"], r["metric"], r["runtime"])
+
+
+def merge(out: Path, sources: list[Path]) -> None:
+    """Rows of each source replace --out's rows with the same key; their runs are appended."""
+    doc = json.loads(out.read_text()) if out.is_file() else {"rows": [], "runs": []}
+    for src in sources:
+        try:
+            other = json.loads(src.read_text())
+            rows, runs = other["rows"], other.get("runs", [])
+            keys = [row_key(r) for r in rows]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {src} is not an accuracy JSON from benchmarks/accuracy.py ({e}); "
+                             "nothing was merged") from None
+        doc["rows"] = [r for r in doc["rows"] if row_key(r) not in set(keys)] + rows
+        doc["runs"] = doc.get("runs", []) + [r for r in runs if r not in doc.get("runs", [])]
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
@@ -201,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--clip-steps", type=int, default=20)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--markdown-only", action="store_true", help="only rewrite the markdown from --out")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="merge the rows and runs of other accuracy JSONs (e.g. GPU runs written "
+                        "under the device's $OUT) into --out, then rewrite its markdown; measures nothing")
     p.add_argument("--skip-existing", action="store_true",
                    help="do not re-measure rows that --out already holds with a value")
     p.add_argument("--runtime-label", default=None,
@@ -210,7 +241,9 @@ def main(argv=None) -> int:
 
     from converters.models import smollm2_hf_dir
 
-    if args.markdown_only:
+    if args.merge:
+        merge(Path(args.out), [Path(f) for f in args.merge])
+    if args.markdown_only or args.merge:
         doc = json.loads(Path(args.out).read_text())
         write_markdown(doc["rows"], doc["runs"][-1] if doc.get("runs") else {}, Path(args.out).with_suffix(".md"),
                        doc.get("runs"))
