@@ -162,3 +162,13 @@ def test_0_33_custom_quant_mode_gets_no_kv4_page_budget():
     assert QoQKV4AttentionBackend.customize_spec(custom) is custom
     assert QoQKV4AttentionBackend.customize_spec(_Spec(_Mode033.INT4_PER_TOKEN_HEAD, D)) \
         .state_content_bytes == C
+
+
+def test_installed_vllm_custom_mode_is_still_the_octave_alias():
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    if not hasattr(KVQuantMode, "CUSTOM"):
+        pytest.skip("KVQuantMode.CUSTOM arrives in 0.33")
+    # When this fails, vLLM gave CUSTOM a value of its own: revisit register_kv_cache_dtype
+    # (docs/kv4.md, "vLLM versions").
+    assert KVQuantMode.CUSTOM is KVQuantMode.OCTAVE_K3V4

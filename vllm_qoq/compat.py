@@ -210,7 +210,7 @@ def kv4_pages(kv_cache, num_kv_heads: int, head_size: int):
     if kv_cache.stride()[1:] != (n * c, c, 1):
         raise ValueError(
             f"vllm_qoq KV4: the cache's block interiors are not contiguous (strides "
-            f"{kv_cache.stride()}); the KV cache layout must be one of {kv4_cache_layouts()}"
+            f"{kv_cache.stride()}); it needs the LBHNC KV cache layout (kv4_cache_layouts)"
         )
     return kv_cache.view(nb, 2, num_kv_heads, n * per_token)
 
