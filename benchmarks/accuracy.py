@@ -152,6 +152,41 @@ NOTES = [
 ]
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """../shared/docs/targets.md's accuracy targets, checked on every machine's rows."""
+    out = []
+    for prefix in sorted({r["runtime"].split("/")[0] for r in rows}):
+        for metric in sorted({r["metric"] for r in rows if r["runtime"].startswith(prefix + "/")}):
+            v = {(r["config"], r["runtime"].split("/", 1)[1]): r["value"] for r in rows
+                 if r["runtime"].startswith(prefix + "/") and r["metric"] == metric and r.get("value") is not None}
+            got = lambda cfg, rt="vllm": v.get((cfg, rt))  # noqa: E731
+            items = []
+            devs = [abs(v[(c, "vllm")] / v[(c, "fake-quant")] - 1) for c, rt in v
+                    if rt == "fake-quant" and (c, "vllm") in v]
+            if devs:
+                items.append(f"runtime vs its fake-quant reference: max {100 * max(devs):.2f}% over {len(devs)} "
+                             f"configs (target ≤ 0.5%: {'met' if max(devs) <= 0.005 else 'NOT met'})")
+            fp = got("fp16")
+            for var, name in (("per-channel", "per-channel"), ("g128", "g128")):
+                rtn, qoq = got(f"RTN W4A8 {var}, KV4"), got(f"QoQ W4A8 {var}, KV4")
+                if None not in (fp, rtn, qoq) and rtn > fp:
+                    closed = (rtn - qoq) / (rtn - fp)
+                    items.append(f"QoQ {name} closes {100 * closed:.1f}% of the RTN-W4A8KV4 → fp16 gap "
+                                 f"({rtn:.2f} → {qoq:.2f}, fp16 {fp:.2f}; target ≥ 50%: "
+                                 f"{'met' if closed >= 0.5 else 'NOT met'})")
+            chn, g = got("QoQ W4A8 per-channel, KV4"), got("QoQ W4A8 g128, KV4")
+            if None not in (chn, g):
+                items.append(f"QoQ g128 KV4 {g:.2f} vs per-channel {chn:.2f} (target g128 better: "
+                             f"{'met' if g < chn else 'NOT met'})")
+            sa, nosa = chn, got("QoQ W4A8 per-channel, no SmoothAttention, KV4")
+            if None not in (sa, nosa):
+                items.append(f"KV4 with SmoothAttention {sa:.2f} vs without {nosa:.2f} (target with < without: "
+                             f"{'met' if sa < nosa else 'NOT met'})")
+            if items:
+                out += ["", f"Against the targets ({prefix}, {metric}):", ""] + [f"- {i}" for i in items]
+    return out
+
+
 def write_markdown(rows: list[dict], meta: dict, path: Path, runs: list[dict] | None = None) -> None:
     """One line per (model, config, metric), one column per runtime; then every run."""
     lines = ["# Accuracy (GPTQ-style perplexity, lower is better)", "",
@@ -184,6 +219,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path, runs: list[dict] | 
             else:
                 cells.append(f"{r['value']:.3f}")
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    lines += target_lines(rows)
     if runs:
         lines += ["", "Runs (rows come from these; a runtime column's prefix names the machine):", ""]
         for r in runs:
