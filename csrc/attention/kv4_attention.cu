@@ -75,7 +75,9 @@
 // P' is 0, so their (finite, biased) codes add nothing to acc or PS.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -682,14 +684,48 @@ void dispatch(const AttnArgs& a, cudaStream_t stream) {
 
 bool head_size_supported(int head_size) { return head_size == 64 || head_size == 128; }
 
+// VLLM_QOQ_KV4_SPLITS=fill: the wave-filling split heuristic below (opt-in, not yet timed
+// on a GPU; docs/kv4.md); anything else: one wave of 3 CTAs per SM.  Read once.
+static bool split_policy_fill() {
+  static const bool fill = [] {
+    const char* e = std::getenv("VLLM_QOQ_KV4_SPLITS");
+    return e != nullptr && std::string(e) == "fill";
+  }();
+  return fill;
+}
+
 int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int head_size,
                          int max_query_len, int max_seq_len, int num_tokens, int num_sms) {
   const int G = num_q_heads / num_kv_heads;
   const int64_t ctas = (int64_t)num_seqs * num_kv_heads * ((max_query_len * G + 15) / 16);
   if (ctas <= 0) return 1;
-  int64_t splits = (3LL * num_sms + ctas - 1) / ctas;  // ~one wave of 3 CTAs per SM
-  splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
-  splits = std::min<int64_t>(splits, 64);
+  int64_t splits;
+  if (split_policy_fill()) {
+    // CTA slots of one wave: the occupancy __launch_bounds__ asks for (min_blocks<D>)
+    const int64_t slots =
+        (int64_t)(head_size == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MIN_BLOCKS_128) * num_sms;
+    const int64_t max_splits = std::min<int64_t>(64, std::max(1, (max_seq_len + 127) / 128));
+    // Fewer than 4 waves: the last, partial wave is a large share of the time, so pick the
+    // split count (up to max_splits, >= 128 keys each) whose CTAs fill their waves best:
+    // 512 CTAs (batch 64, 8 KV heads) on 396 slots run as 1.3 waves (65% busy) unsplit,
+    // as 3.9 (97%) with 3 splits.  Ties go to fewer splits (less partial traffic).
+    splits = 1;
+    if (ctas < 4 * slots) {
+      double best = -1.0;
+      for (int64_t s = 1; s <= max_splits; ++s) {
+        const int64_t n = ctas * s;
+        const double busy = (double)n / (double)(((n + slots - 1) / slots) * slots);
+        if (busy > best + 1e-9) {
+          best = busy;
+          splits = s;
+        }
+      }
+    }
+  } else {
+    splits = (3LL * num_sms + ctas - 1) / ctas;  // ~one wave of 3 CTAs per SM
+    splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
+    splits = std::min<int64_t>(splits, 64);
+  }
   // workspace: splits x [T, Hq, D + 1] fp32; keep it under 256 MiB (prefill has rows enough)
   const int64_t per_split = (int64_t)num_tokens * num_q_heads * (head_size + 1) * 4;
   while (splits > 1 && splits * per_split > (256LL << 20)) splits /= 2;
