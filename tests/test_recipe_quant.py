@@ -190,3 +190,68 @@ def test_run_qoq_refuses_per_channel_odd_k_before_any_work():
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj: input size K=255 is odd"):
         run_qoq(m, None, torch.randint(0, 64, (2, 16)), -1, QoQOptions(progress=False, device="cpu"))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------- SmoothAttention α search
+def _attn_problem(t=96, d=32, hq=4, hkv=2, seed=0):
+    """Post-RoPE q/k/v where KV head 0 has an outlier RoPE pair in K and head 1 has none."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(hq, t, d, generator=g)
+    k = torch.randn(hkv, t, d, generator=g)
+    v = torch.randn(hkv, t, d, generator=g)
+    k[0, :, 3] *= 40
+    k[0, :, 3 + d // 2] *= 40
+    return q, k, v
+
+
+def test_kv4_attention_error_is_the_reference_kv4_attention_error():
+    from converters.recipe.pipeline import _kv4_attention_error
+    from vllm_qoq.reference import kv4 as R
+
+    q, k, v = _attn_problem()
+    lam = torch.rand(2, 32, generator=torch.Generator().manual_seed(1)) + 0.5
+    err = _kv4_attention_error(q, k, v, lam)
+    # the same thing through the reference: λ folded into q, k/λ quantized per token-head
+    k_hat = R.dequantize_kv4(*R.quantize_kv4((k / lam[:, None]).transpose(0, 1)))  # [T, Hkv, D]
+    qs = (q.view(2, 2, 96, 32) * lam[:, None, None]).reshape(4, 96, 32).transpose(0, 1)
+    scale = 32 ** -0.5
+    got = R.attention(qs, k_hat, v.transpose(0, 1), scale, 0)
+    want = R.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale, 0)
+    per_head = (got - want).pow(2).view(96, 2, 2, 32).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(err, per_head, rtol=2e-3, atol=1e-6)
+
+
+def test_smooth_attention_search_picks_per_head_and_beats_fixed_alpha():
+    from converters.recipe.pipeline import _kv4_attention_error, _search_smooth_attention
+
+    q, k, v = _attn_problem()
+    st = {"k": k.abs().amax(1), "q": q.abs().amax(1).view(2, 2, 32).amax(1), "attn": [(q, k, v)]}
+    opts = QoQOptions()
+    lam, info = _search_smooth_attention(st, opts, 4, 2, 32)
+    assert len(info["alpha"]) == 2 and info["alpha"][0] > 0  # the outlier head gets smoothed
+    errs = {a: _kv4_attention_error(q, k, v, T.smooth_attention_scales(st["k"], st["q"], a))
+            for a in opts.smooth_attention_alphas}
+    chosen = _kv4_attention_error(q, k, v, lam)
+    for a, e in errs.items():  # per head no worse than any single α of the grid
+        assert torch.all(chosen <= e * (1 + 1e-5)), a
+    assert float(chosen[0]) < 0.5 * float(errs[0.0][0])  # smoothing the outlier head pays off
+    assert info["kv4_err"] == pytest.approx(float(chosen.sum()), rel=1e-5)
+    # RoPE pairs share λ (so RoPE commutes with it) whatever α each head got
+    torch.testing.assert_close(lam[:, :16], lam[:, 16:])
+
+
+def test_run_qoq_records_the_smooth_attention_search():
+    m = _model("llama")
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(4))
+    opts = QoQOptions(clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False)
+    res = run_qoq(m, None, ids, -1, opts)
+    assert res.recipe["smooth_attention_alpha"] == "search"
+    rows = [r for r in res.report if r["linear"] == "k_proj"]
+    assert len(rows) == 2 and all(len(r["smooth"]["alpha"]) == 2 for r in rows)
+    assert all(r["smooth"]["kv4_err"] <= r["smooth"]["kv4_err_none"] * (1 + 1e-6) for r in rows)
+    assert "SmoothAttention search" in res.summary()
+    fixed = run_qoq(_model("llama"), None, ids, -1, QoQOptions(
+        clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False,
+        smooth_attention_search=False))
+    assert fixed.recipe["smooth_attention_alpha"] == 0.5
+    assert all("smooth" not in r for r in fixed.report if r["linear"] == "k_proj")

@@ -34,7 +34,9 @@ _EXTRA = [
     (("--clip-steps",), dict(type=int, default=80, help="clipping grid steps from 1.0 down to 0.2 (default 80)")),
     (("--rotate-v-heads",), dict(action="store_true", help="also a per-head Hadamard on v_proj/o_proj")),
     (("--rotation-seed",), dict(type=int, default=0, help="seed of the random Hadamard signs (-1: none)")),
-    (("--smooth-attention-alpha",), dict(type=float, default=0.5)),
+    (("--smooth-attention-alpha",), dict(type=float, default=None,
+                                         help="fixed SmoothAttention exponent for every head (default: searched "
+                                              "per KV head by the KV4 attention error; the paper's fixed value is 0.5)")),
     (("--smooth-tokens",), dict(type=int, default=2048, help="tokens used by the smoothing search")),
     (("--batch-size",), dict(type=int, default=8, help="calibration samples per forward")),
 ]
@@ -58,7 +60,8 @@ def options_from_args(args) -> QoQOptions:
         rotation_seed=None if seed is not None and seed < 0 else seed,
         rotate_v_heads=g("rotate_v_heads", False),
         smooth_attention=not g("no_smooth_attention", False),
-        smooth_attention_alpha=g("smooth_attention_alpha", 0.5),
+        smooth_attention_alpha=0.5 if g("smooth_attention_alpha", None) is None else g("smooth_attention_alpha", None),
+        smooth_attention_search=g("smooth_attention_alpha", None) is None,
         smooth_linear=not g("no_smooth_linear", False),
         smooth_o_proj=not g("no_smooth_o_proj", False),
         smooth_tokens=g("smooth_tokens", 2048),

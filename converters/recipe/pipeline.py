@@ -39,6 +39,9 @@ from .quantizers import (
 
 DEFAULT_SMOOTH_ALPHAS = (0.05, 0.15, 0.25, 0.35, 0.5)
 DEFAULT_SMOOTH_BETAS = (0.5, 0.65, 0.8, 0.95)
+# SmoothAttention exponents tried per KV head (0 = no smoothing, so the search is never
+# worse than none on its calibration objective; 0.5 = the QoQ paper's fixed choice).
+DEFAULT_SMOOTH_ATTENTION_ALPHAS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
 
 
 @dataclass
@@ -49,8 +52,12 @@ class QoQOptions:
     rotation_seed: int | None = 0  # random ±1 signs on the Hadamard rows; None: plain Hadamard
     rotate_v_heads: bool = False  # newer deepcompressor: per-head Hadamard on v_proj/o_proj
     smooth_attention: bool = True
-    smooth_attention_alpha: float = 0.5
+    smooth_attention_alpha: float = 0.5  # used when smooth_attention_search is off
     smooth_attention_beta: float = 0.0
+    # pick α per KV head from smooth_attention_alphas by the KV4 attention-output error
+    # on calibration sequences (_search_smooth_attention); off: the fixed α above
+    smooth_attention_search: bool = True
+    smooth_attention_alphas: tuple[float, ...] = DEFAULT_SMOOTH_ATTENTION_ALPHAS
     smooth_linear: bool = True  # down_proj
     smooth_o_proj: bool = True  # the paper variant also smooths o_proj's input
     smooth_alphas: tuple[float, ...] = DEFAULT_SMOOTH_ALPHAS
@@ -97,6 +104,14 @@ class QuantResult:
         if self.report:
             g = lambda key: math.exp(sum(math.log(max(r[key], 1e-30)) for r in self.report) / len(self.report))  # noqa: E731
             lines.append(f"geomean relative output error: RTN {g('rel_err_rtn'):.3e} -> QoQ {g('rel_err'):.3e}")
+        sa = [r["smooth"] for r in self.report if r["linear"] == "k_proj" and "kv4_err" in r.get("smooth", {})]
+        if sa and all(x.get("kv4_err_none") for x in sa):
+            tot = lambda key: sum(x[key] for x in sa)  # noqa: E731
+            alphas = sorted({a for x in sa for a in x["alpha"]})
+            half = (f", α=0.5 {tot('kv4_err_alpha_0.5') / tot('kv4_err_none'):.3f}"
+                    if all(x.get("kv4_err_alpha_0.5") is not None for x in sa) else "")
+            lines.append(f"SmoothAttention search: KV4 attention error vs none {tot('kv4_err') / tot('kv4_err_none'):.3f}"
+                         f"{half}; α chosen from {alphas}")
         return "\n".join(lines)
 
 
@@ -195,7 +210,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
         "rotation_seed": opts.rotation_seed,
         "rotate_v_heads": bool(opts.rotation and opts.rotate_v_heads),
         "smooth_attention": bool(opts.smooth_attention),
-        "smooth_attention_alpha": opts.smooth_attention_alpha,
+        "smooth_attention_alpha": ("search" if opts.smooth_attention_search else opts.smooth_attention_alpha),
         "smooth_linear": bool(opts.smooth_linear),
         "smooth_o_proj": bool(opts.smooth_linear and opts.smooth_o_proj),
         "reorder": bool(reorder),
@@ -264,8 +279,12 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
         st = _collect_stats(layer, batches, nh, nkv, hd, opts.smooth_tokens)
         smooth_info = {}
         if opts.smooth_attention:
-            lam = T.smooth_attention_scales(st["k"], st["q"], opts.smooth_attention_alpha, opts.smooth_attention_beta)
+            if opts.smooth_attention_search:
+                lam, smooth_info["k_proj"] = _search_smooth_attention(st, opts, nh, nkv, hd)
+            else:
+                lam = T.smooth_attention_scales(st["k"], st["q"], opts.smooth_attention_alpha, opts.smooth_attention_beta)
             T.apply_smooth_attention(layer, lam, nh, nkv)
+        st.pop("attn", None)
         if reorder:
             perm = T.reorder_permutation(st["down_absmax"])
             T.apply_reorder_down(layer, perm)
@@ -334,7 +353,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
 def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
     """Post-RoPE q/k abs-max per channel, abs-max and token samples of o_proj/down_proj inputs."""
     a, m = layer.self_attn, layer.mlp
-    st = {"k": None, "q": None, "o_absmax": None, "down_absmax": None, "o_x": [], "down_x": []}
+    st = {"k": None, "q": None, "o_absmax": None, "down_absmax": None, "o_x": [], "down_x": [], "attn": []}
     cur: dict = {}
     per_batch = max(1, max_tokens // max(1, len(batches)))
 
@@ -346,6 +365,9 @@ def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
 
     def hook_k(_, __, out):
         cur["k"] = out
+
+    def hook_v(_, __, out):
+        cur["v"] = out
 
     def sample(x):
         x = x.reshape(-1, x.shape[-1])
@@ -365,6 +387,7 @@ def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
     hooks = [
         a.q_proj.register_forward_hook(hook_q),
         a.k_proj.register_forward_hook(hook_k),
+        a.v_proj.register_forward_hook(hook_v),
         a.o_proj.register_forward_pre_hook(pre_o),
         m.down_proj.register_forward_pre_hook(pre_down),
     ]
@@ -379,12 +402,70 @@ def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
                 amax_into("k", k.abs().amax(dim=(0, 2)))  # [nkv, hd]
                 qa = q.abs().amax(dim=(0, 2)).view(nkv, nh // nkv, hd).amax(1)
                 amax_into("q", qa)
+                # whole sequences for the SmoothAttention search (KV4 error needs causal attention)
+                for i in range(b):
+                    if sum(x[1].shape[1] for x in st["attn"]) >= max_tokens:
+                        break
+                    v = cur["v"][i].view(t, nkv, hd).transpose(0, 1)
+                    st["attn"].append((q[i].float(), k[i].float(), v.float()))
     finally:
         for hk in hooks:
             hk.remove()
     st["o_x"] = torch.cat(st["o_x"])
     st["down_x"] = torch.cat(st["down_x"])
     return st
+
+
+def _kv4_attention_error(q, k, v, lam) -> torch.Tensor:
+    """Squared error per KV head of causal attention when the keys are smoothed by λ and
+    KV4-quantized (per token and head, as the runtime does), against float attention.
+
+    q [Hq, T, D], k/v [Hkv, T, D] post-RoPE; lam [Hkv, D].  With λ folded into the
+    weights the runtime computes (q·λ)·deq(Q4(k/λ)) = q·(λ·deq(Q4(k/λ))); V is left in
+    float so that the error measured is the one λ changes.
+    """
+    from vllm_qoq.reference.kv4 import dequantize_kv4, quantize_kv4
+
+    hkv, t, d = k.shape
+    g = q.shape[0] // hkv
+    lam = lam.to(k.device, torch.float32)[:, None, :]
+    k_hat = dequantize_kv4(*quantize_kv4(k / lam)) * lam
+    qg = q.view(hkv, g, t, d)
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+
+    def attend(keys):
+        s = torch.einsum("hgtd,hsd->hgts", qg, keys) / math.sqrt(d)
+        return torch.einsum("hgts,hsd->hgtd", s.masked_fill(mask, float("-inf")).softmax(-1), v)
+
+    return (attend(k_hat) - attend(k)).pow(2).sum(dim=(1, 2, 3))
+
+
+def _search_smooth_attention(st, opts, nh, nkv, hd) -> tuple[torch.Tensor, dict]:
+    """λ [Hkv, D]: per KV head the α (of opts.smooth_attention_alphas) whose λ = max|K|^α
+    gives the smallest KV4 attention-output error on the calibration sequences.
+
+    The search is per KV head because heads are independent: λ of one head changes
+    neither the inputs nor the quantization of another.  q_proj/k_proj rows are scaled by
+    λ, which per-row weight quantization (per-channel and g128) does not see, so the KV4
+    error is the only thing α trades.
+    """
+    alphas = tuple(opts.smooth_attention_alphas)
+    lams = [T.smooth_attention_scales(st["k"], st["q"], a, opts.smooth_attention_beta if a else 0.0)
+            for a in alphas]
+    err = torch.zeros(len(alphas), nkv, dtype=torch.float64)
+    for q, k, v in st["attn"]:
+        for i, lam in enumerate(lams):
+            err[i] += _kv4_attention_error(q, k, v, lam).double().cpu()
+    best = err.argmin(0)  # [Hkv]
+    lam = torch.stack([lams[int(b)][h] for h, b in enumerate(best)])
+    ref = alphas.index(0.5) if 0.5 in alphas else None
+    info = {
+        "alpha": [alphas[int(b)] for b in best],
+        "kv4_err": float(err[best, torch.arange(nkv)].sum()),
+        "kv4_err_none": float(err[alphas.index(0.0)].sum()) if 0.0 in alphas else None,
+        "kv4_err_alpha_0.5": float(err[ref].sum()) if ref is not None else None,
+    }
+    return lam, info
 
 
 def _collect_hessians(layer, batches, device) -> dict[str, torch.Tensor]:
