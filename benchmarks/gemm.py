@@ -12,6 +12,10 @@ method, so qoq/fp8/int8 are compared on equal terms and BF16 is flattered slight
   machete_w4a16         vLLM machete_mm, uint4b8, g128, bf16 activations
   marlin_w4a16          vLLM marlin_gemm, uint4b8, g128, bf16 activations
   marlin_w4a8           vLLM marlin_gemm with int8 activations (W4A8-INT8), uint4b8
+  qoq_chn@P, qoq_g128@P one forced kernel path P (1, 3, 4, 5, 6, 7) through
+                        qoq_debug::w4a8_acc, int32 accumulators out (no float epilogue);
+                        qoq_chn@P:bf16 the same path with the real bf16 epilogue
+                        (qoq_debug::w4a8_gemm), e.g. --impls qoq_chn@3:bf16,qoq_chn@7:bf16
 vLLM is imported lazily; a baseline that cannot run is skipped and the reason recorded.
 
 Timing: each method's calls are captured in a CUDA graph and the graph is replayed
@@ -87,11 +91,14 @@ def _rand_u8(shape, gen, lo=0, hi=256):
     return torch.randint(lo, hi, shape, device="cuda", dtype=torch.uint8, generator=gen)
 
 
-def build_qoq(variant, m, n, k, gen, path=None):
+def build_qoq(variant, m, n, k, gen, path=None, epilogue=False):
     """The qoq GEMM as the real ops run it, or (path given) one kernel path forced through
     qoq_debug::w4a8_acc (int32 accumulators out, no float epilogue): `--impls
     qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1) with the dp4a GEMV (5);
-    6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma without/with CTA-pair multicast."""
+    6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma without/with CTA-pair multicast;
+    7 = persistent wgmma (path 3 where the tiles fit in one wave).  With epilogue=True
+    (`qoq_chn@7:bf16`) the forced path runs the real ops' computation, bf16 out, through
+    qoq_debug::w4a8_gemm (A/B of paths with the float epilogue in one run)."""
     from vllm_qoq import ops
 
     ops.register_ops()
@@ -101,7 +108,7 @@ def build_qoq(variant, m, n, k, gen, path=None):
         raise Skip("g128 needs K % 128 == 0")
     if (path == 5 and m > 16) or (path == 6 and m > 32):
         raise Skip(f"path {path} does not serve M={m}")
-    if path in (2, 3, 4) and not torch.ops.qoq_debug.sm90_available():
+    if path in (2, 3, 4, 7) and not torch.ops.qoq_debug.sm90_available():
         raise Skip("no sm_90a kernels on this GPU/build")
     x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
     qx, sx, qsum = ops.quantize_per_token(x)
@@ -109,14 +116,20 @@ def build_qoq(variant, m, n, k, gen, path=None):
     qweight = _rand_u8((n, k // 2), gen)
     scales = (torch.rand(n, device="cuda", generator=gen) * 0.01 + 0.001).half()
     if variant == "chn":
-        if path is not None:
+        if path is not None and not epilogue:
             return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, None, None, n, path)
         szeros = (torch.rand(n, device="cuda", generator=gen) * 0.1).half()
+        if path is not None:
+            return lambda: torch.ops.qoq_debug.w4a8_gemm(qx, sx, qsum, qweight, scales, szeros,
+                                                         None, None, None, torch.bfloat16, path)
         return lambda: ops.w4a8_chn_gemm(qx, sx, qsum, qweight, scales, szeros, None,
                                          torch.bfloat16)
     g = k // 128
     s2 = _rand_u8((g, n), gen, 1, 9)  # q8 = s2*(u - 8) stays inside int8
     zneg = ((256 - 8 * s2.int()) % 256).to(torch.uint8)
+    if path is not None and epilogue:
+        return lambda: torch.ops.qoq_debug.w4a8_gemm(qx, sx, None, qweight, scales, None, s2, zneg,
+                                                     None, torch.bfloat16, path)
     if path is not None:
         return lambda: torch.ops.qoq_debug.w4a8_acc(qx, qweight, s2, zneg, n, path)
     return lambda: ops.w4a8_g128_gemm(qx, sx, qweight, scales, s2, zneg, None, torch.bfloat16)
@@ -247,9 +260,12 @@ def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
     if impl == "act_quant":
         per_call, build = quant_bytes(m, k), lambda: build_quant(m, k, gen)
     else:
-        if "@" in impl:  # qoq_chn@5: a forced kernel path
+        if "@" in impl:  # qoq_chn@5: a forced kernel path (int32 out); qoq_chn@7:bf16: bf16 out
             variant, path = impl.split("@")
-            builder = lambda m, n, k, g: build_qoq(variant[4:], m, n, k, g, int(path))
+            path, _, out = path.partition(":")
+            if out not in ("", "bf16"):
+                raise Skip(f"unknown output suffix in {impl} (only :bf16)")
+            builder = lambda m, n, k, g: build_qoq(variant[4:], m, n, k, g, int(path), out == "bf16")
         else:
             builder = BUILDERS[impl]
         per_call, build = min_bytes(impl, m, n, k), lambda: builder(m, n, k, gen)

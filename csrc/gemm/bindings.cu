@@ -23,6 +23,13 @@
 #include "common/launch.h"
 
 namespace qoq {
+
+// Persistent wgmma kernels (path 7), csrc/gemm/w4a8_sm90p_{chn,g128}.cu: max_ctas = 0 as the
+// real ops run them (path 3 where the tiles fit in one wave), > 0 the persistent kernel with
+// at most that many CTAs (tests).
+void w4a8_gemm_sm90p_chn(const W4A8Args& a, OutKind out, int max_ctas, cudaStream_t stream);
+void w4a8_gemm_sm90p_g128(const W4A8Args& a, OutKind out, int max_ctas, cudaStream_t stream);
+
 namespace {
 
 int num_sms(int device) {
@@ -55,12 +62,15 @@ at::Tensor& workspace(const at::Device& dev) {
 }
 
 // Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;
-// 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast.
+// 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast;
+// 7 = persistent wgmma (opt-in, not yet timed; w4a8_sm90_persistent.cuh).
 // The multicast variant (4) is opt-in until it has passed tests/gpu and been measured on a
 // GPU (it was written after the last device run of this work); flip this once it has.
 constexpr bool kClusterByDefault = false;
 
-// VLLM_QOQ_GEMM_PATH=sm80|sm90|sm90-nocluster|sm90-cluster forces a path (A/B runs); read once.
+// VLLM_QOQ_GEMM_PATH=sm80|sm90|sm90-nocluster|sm90-cluster|gemv|mmv|sm90-persistent forces
+// a path (A/B runs); read once.  sm90-persistent is the default choice with path 7 in place
+// of the wgmma default (the small-M weight-stream paths keep their M ranges).
 int forced_path() {
   static const int p = [] {
     const char* e = std::getenv("VLLM_QOQ_GEMM_PATH");
@@ -71,6 +81,7 @@ int forced_path() {
     if (std::strcmp(e, "sm90-cluster") == 0) return 4;
     if (std::strcmp(e, "gemv") == 0) return 5;
     if (std::strcmp(e, "mmv") == 0) return 6;
+    if (std::strcmp(e, "sm90-persistent") == 0) return 7;
     return 0;
   }();
   return p;
@@ -95,7 +106,7 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M,
 // then the mma.sync tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
-// returns 1, 3, 4, 5 or 6 (2 resolved to its default, 3 or 4).
+// returns 1, 3, 4, 5, 6 or 7 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2 per-channel, 4 g128;
 // at most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off for
 // per-channel, 16 for g128; at most 32); 0 turns either off.  Defaults from the H100
@@ -115,15 +126,23 @@ int mmv_max_m(bool g128) {
 }
 
 int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStream_t stream) {
-  if (requested == 0) requested = forced_path();
+  bool persistent = false;  // VLLM_QOQ_GEMM_PATH=sm90-persistent: 7 where the default has 2
+  if (requested == 0) {
+    requested = forced_path();
+    if (requested == 7) {
+      requested = 0;
+      persistent = true;
+    }
+  }
   // the GEMV serves M <= 16, the MMV M <= 32; a forced path 5/6 beyond that falls back to
   // the default choice
   if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128))) return 5;
   if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128))) return 6;
-  if (requested >= 5) requested = 0;
-  if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? 2 : 1;
+  if (requested == 5 || requested == 6) requested = 0;
+  if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? (persistent ? 7 : 2) : 1;
   if (requested == 1) return 1;
-  TORCH_CHECK(requested >= 2 && requested <= 4, "qoq GEMM: unknown kernel path ", requested);
+  TORCH_CHECK((requested >= 2 && requested <= 4) || requested == 7, "qoq GEMM: unknown kernel path ",
+              requested);
   TORCH_CHECK(sm90_ok(device, stream),
               "qoq GEMM: the sm_90a (wgmma) kernels are not available on this device/build");
   if (requested == 2) return kClusterByDefault ? 4 : 3;
@@ -198,7 +217,7 @@ W4A8Args base_args(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor&
 }
 
 at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::Device& dev,
-                    int requested_path = 0) {
+                    int requested_path = 0, int max_ctas = 0) {
   const OutKind ok = out_kind(out_dtype);
   at::Tensor out = at::empty({a.M, a.N}, at::TensorOptions().dtype(out_dtype).device(dev));
   if (a.M == 0 || a.N == 0) return out;
@@ -207,6 +226,8 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   const int path = choose_path(a, g128, requested_path, dev.index(), stream);
   if (path == 5 || path == 6) {
     g128 ? w4a8_gemv_g128(a, ok, path == 6, stream) : w4a8_gemv_chn(a, ok, path == 6, stream);
+  } else if (path == 7) {
+    g128 ? w4a8_gemm_sm90p_g128(a, ok, max_ctas, stream) : w4a8_gemm_sm90p_chn(a, ok, max_ctas, stream);
   } else if (path >= 3) {
     const bool cluster = path == 4;
     g128 ? w4a8_gemm_sm90_g128(a, ok, cluster, stream) : w4a8_gemm_sm90_chn(a, ok, cluster, stream);
@@ -293,17 +314,59 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 // Raw int32 accumulators of either variant (g128 when s2 tensors are given), for tests.
 // path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a) as
 // configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast, 5 = the dp4a
-// GEMV (M <= 16), 6 = the mma.sync weight stream (M <= 32).
+// GEMV (M <= 16), 6 = the mma.sync weight stream (M <= 32), 7 = persistent wgmma (path 3
+// where the tiles fit in one wave).  max_ctas > 0 (path 7 only): the persistent kernel with
+// at most that many CTAs on any shape, never the path-3 fallback (tests of the cross-tile
+// pipeline on small shapes).
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,
                           const c10::optional<at::Tensor>& s2_scales,
-                          const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path) {
+                          const c10::optional<at::Tensor>& s2_zeros, int64_t n, int64_t path,
+                          int64_t max_ctas) {
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();
   at::Tensor sx = at::empty({qx.size(0)}, at::TensorOptions().dtype(at::kFloat).device(dev));
   W4A8Args a = base_args(qx, sx, qweight, n, c10::nullopt);
   const bool g128 = s2_scales.has_value() && s2_scales->defined();
   if (g128) g128_args(a, *s2_scales, *s2_zeros, dev);
-  return run_gemm(a, g128, at::kInt, dev, static_cast<int>(path));
+  TORCH_CHECK(max_ctas >= 0 && max_ctas < (1LL << 31), "qoq_debug: max_ctas must be >= 0");
+  return run_gemm(a, g128, at::kInt, dev, static_cast<int>(path), static_cast<int>(max_ctas));
+}
+
+// The real ops' full computation (float epilogue, fp16/bf16 out) through one forced path,
+// for tests and A/B timings: per-channel when s2_scales is absent (qsum, szeros needed),
+// g128 otherwise.  path and max_ctas as in w4a8_acc.
+at::Tensor w4a8_gemm_debug(const at::Tensor& qx, const at::Tensor& sx,
+                           const c10::optional<at::Tensor>& qsum, const at::Tensor& qweight,
+                           const at::Tensor& scales, const c10::optional<at::Tensor>& szeros,
+                           const c10::optional<at::Tensor>& s2_scales,
+                           const c10::optional<at::Tensor>& s2_zeros,
+                           const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                           int64_t path, int64_t max_ctas) {
+  const c10::cuda::CUDAGuard guard(qx.device());
+  const at::Device dev = qx.device();
+  const int64_t n = scales.numel();
+  W4A8Args a = base_args(qx, sx, qweight, n, bias);
+  check_cuda(scales, "scales", at::kHalf, dev);
+  a.scales = scales.data_ptr();
+  const bool g128 = s2_scales.has_value() && s2_scales->defined();
+  if (g128) {
+    TORCH_CHECK(s2_zeros.has_value() && s2_zeros->defined(), "qoq_debug::w4a8_gemm: s2_zeros missing");
+    g128_args(a, *s2_scales, *s2_zeros, dev);
+  } else {
+    TORCH_CHECK(qsum.has_value() && qsum->defined() && szeros.has_value() && szeros->defined(),
+                "qoq_debug::w4a8_gemm: per-channel needs qsum and szeros");
+    TORCH_CHECK(qsum->is_cuda() && qsum->scalar_type() == at::kInt && qsum->numel() == a.M &&
+                    qsum->is_contiguous(),
+                "qoq_debug::w4a8_gemm: qsum must be a contiguous int32 CUDA tensor of M elements");
+    check_cuda(*szeros, "szeros", at::kHalf, dev);
+    TORCH_CHECK(szeros->numel() == n, "qoq_debug::w4a8_gemm: szeros must have N=", n, " elements");
+    a.qsum = qsum->data_ptr<int32_t>();
+    a.szeros = szeros->data_ptr();
+  }
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "qoq_debug::w4a8_gemm: out_dtype must be float16 or bfloat16");
+  TORCH_CHECK(max_ctas >= 0 && max_ctas < (1LL << 31), "qoq_debug: max_ctas must be >= 0");
+  return run_gemm(a, g128, out_dtype, dev, static_cast<int>(path), static_cast<int>(max_ctas));
 }
 
 bool sm90_available_op() {
@@ -322,10 +385,17 @@ TORCH_LIBRARY_IMPL(qoq, CUDA, m) {
 
 TORCH_LIBRARY(qoq_debug, m) {
   m.def(
-      "w4a8_acc(Tensor qx, Tensor qweight, Tensor? s2_scales, Tensor? s2_zeros, int n, int path=0) "
-      "-> Tensor");
+      "w4a8_acc(Tensor qx, Tensor qweight, Tensor? s2_scales, Tensor? s2_zeros, int n, int path=0, "
+      "int max_ctas=0) -> Tensor");
+  m.def(
+      "w4a8_gemm(Tensor qx, Tensor sx, Tensor? qsum, Tensor qweight, Tensor scales, Tensor? szeros, "
+      "Tensor? s2_scales, Tensor? s2_zeros, Tensor? bias, ScalarType out_dtype, int path=0, "
+      "int max_ctas=0) -> Tensor");
   m.def("sm90_available() -> bool", &qoq::sm90_available_op);
 }
 
-TORCH_LIBRARY_IMPL(qoq_debug, CUDA, m) { m.impl("w4a8_acc", &qoq::w4a8_acc_debug); }
+TORCH_LIBRARY_IMPL(qoq_debug, CUDA, m) {
+  m.impl("w4a8_acc", &qoq::w4a8_acc_debug);
+  m.impl("w4a8_gemm", &qoq::w4a8_gemm_debug);
+}
 

@@ -3,8 +3,12 @@
 * quantize_per_token: bit-exact (qx, sx, qsum) with reference.quantize_activation.
 * GEMM accumulators: the debug op qoq_debug::w4a8_acc returns the kernels' raw int32
   accumulators (same kernels, same tile selection as the real ops; path 1 = mma.sync
-  kernels, 3/4 = Hopper wgmma kernels without/with CTA-pair multicast); they must equal
-  the exact integer product over a sweep of M, N, K for both variants and every path.
+  kernels, 3/4 = Hopper wgmma kernels without/with CTA-pair multicast, 7 = persistent
+  wgmma); they must equal the exact integer product over a sweep of M, N, K for both
+  variants and every path.  Path 7 is also forced onto a few CTAs (max_ctas) so that every
+  shape runs many tiles per CTA through one continuing mbarrier ring.
+* Path 7's float outputs (qoq_debug::w4a8_gemm: the real ops' computation through one
+  forced path) are bit-identical to path 3's (same fp32 epilogue formula and order).
 * GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
   ops (reference/gemm.py) run on the natural layout.
 * Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
@@ -90,8 +94,9 @@ def test_quantize_per_token_3d_and_ties():
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
 # M <= VLLM_QOQ_GEMV_MAX_M, default 2 per-channel / 4 g128); 6: the mma.sync weight stream
-# (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off / 16).  (2 = the wgmma default.)
-PATHS = [1, 3, 4, 5, 6]
+# (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off / 16); 7: persistent wgmma
+# (path 3 where the tiles fit in one wave).  (2 = the wgmma default.)
+PATHS = [1, 3, 4, 5, 6, 7]
 MAX_M = {5: 16, 6: 32}
 
 
@@ -100,18 +105,26 @@ def _need_path(path):
         pytest.skip("no sm_90a wgmma kernels on this GPU/build")
 
 
-def _acc_case(m, n, k, gs, seed, path=0):
+def _acc_case(m, n, k, gs, seed, path=0, max_ctas=0):
     q = _weights(n, k, gs, seed)
     kt = kl.to_kernel_layout(q, gs)
     qx = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8, generator=_gen(seed + 1))
     if gs == -1:
         w8 = fmt.unpack_int4(q["qweight"]).to(torch.int8)
-        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, n, path)
+        acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], None, None, n, path, max_ctas)
     else:
         w8 = fmt.int8_weight_g128(q["qweight"], q["s2_scales"], q["s2_zeros"])
         acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n,
-                                           path)
+                                           path, max_ctas)
     return acc, _exact_acc(qx, w8)
+
+
+def _few_ctas(m, n, k):
+    """CTAs for the forced persistent kernel: few enough that every CTA runs many tiles
+    (the stage ring wraps across tile boundaries at every phase offset), many enough that
+    the large shapes stay quick; 0 (= as the real ops) for the largest."""
+    ops_ = m * n * k
+    return 2 if ops_ <= 2**30 else 7 if ops_ <= 2**34 else 0
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -125,6 +138,19 @@ def test_int32_accumulators_exact(m, n, k, gs, path):
         pytest.skip(f"path {path} serves M <= {MAX_M[path]}")
     _need_path(path)
     acc, want = _acc_case(m, n, k, gs, seed=m + n + k, path=path)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n,k", NK_SWEEP + [(33, 256), (1000, 128)])
+@pytest.mark.parametrize("m", M_SWEEP)
+def test_persistent_int32_exact_few_ctas(m, n, k, gs):
+    """Path 7 with the persistent kernel forced (no one-wave fallback) on a few CTAs."""
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    _need_path(7)
+    acc, want = _acc_case(m, n, k, gs, seed=3 * m + n + k, path=7, max_ctas=_few_ctas(m, n, k))
     assert acc.dtype == torch.int32 and acc.shape == (m, n)
     assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
 
@@ -192,6 +218,48 @@ def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
     torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
     ulp_frac = float((y != want).float().mean())
     assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
+
+
+def _gemm_path(q, kt, x, b, gs, dtype, path, max_ctas=0):
+    qx, sx, qsum = ops.quantize_per_token(x)
+    if gs == -1:
+        return torch.ops.qoq_debug.w4a8_gemm(qx, sx, qsum, kt["qweight"], kt["scales"],
+                                             kt["szeros"], None, None, b, dtype, path, max_ctas)
+    return torch.ops.qoq_debug.w4a8_gemm(qx, sx, None, kt["qweight"], kt["s1_scales"], None,
+                                         kt["s2_scales"], kt["s2_zeros"], b, dtype, path, max_ctas)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n,k", OUT_SHAPES + [(33, 256), (4096, 14336)])
+@pytest.mark.parametrize("m", [17, 1000, 4097])
+def test_persistent_outputs_bit_identical_to_path3(m, n, k, gs, dtype, bias):
+    """Path 7's register epilogue (4-byte pair stores after a lane exchange) writes exactly
+    path 3's shared-memory epilogue's values, forced persistent on a few CTAs and as the
+    real ops run it; both within one output ulp of the reference."""
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    _need_path(7)
+    seed = m * 13 + n + k
+    q = _weights(n, k, gs, seed)
+    kt = kl.to_kernel_layout(q, gs)
+    x = _x(m, k, dtype, seed + 2)
+    b = (torch.randn(n, device=DEV, generator=_gen(seed + 3)) * 4).to(dtype) if bias else None
+    y3 = _gemm_path(q, kt, x, b, gs, dtype, 3)
+    assert y3.dtype == dtype and y3.shape == (m, n) and torch.isfinite(y3).all()
+    for max_ctas in {_few_ctas(m, n, k), 0}:
+        y7 = _gemm_path(q, kt, x, b, gs, dtype, 7, max_ctas)
+        assert torch.equal(y7, y3), (
+            f"max_ctas={max_ctas}: {int((y7 != y3).sum())} of {y3.numel()} differ from path 3")
+    qx, sx, qsum = ops.quantize_per_token(x)
+    if gs == -1:
+        want = ref.w4a8_chn_gemm(qx, sx, qsum, q["qweight"], q["scales"], q["szeros"], b, dtype)
+    else:
+        want = ref.w4a8_g128_gemm(qx, sx, q["qweight"], q["s1_scales"], q["s2_scales"],
+                                  q["s2_zeros"], b, dtype)
+    torch.testing.assert_close(y3.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert float((y3 != want).float().mean()) < 0.01
 
 
 @pytest.mark.parametrize("path", [5, 6])
