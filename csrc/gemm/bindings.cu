@@ -63,7 +63,7 @@ at::Tensor& workspace(const at::Device& dev) {
 
 // Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;
 // 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast;
-// 7 = persistent wgmma (opt-in, not yet timed; w4a8_sm90_persistent.cuh).
+// 7 = persistent wgmma (w4a8_sm90_persistent.cuh; the default for 16 < M <= 1024, below).
 // The multicast variant (4) is opt-in until it has passed tests/gpu and been measured on a
 // GPU (it was written after the last device run of this work); flip this once it has.
 constexpr bool kClusterByDefault = false;
@@ -124,6 +124,16 @@ int mmv_max_m(bool g128) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 ? 16 : 0);
 }
+// The persistent wgmma kernel (path 7) serves 16 < M <= VLLM_QOQ_PERSISTENT_MAX_M (default
+// 1024; 0 = never by default) on sm_90a, path 3 the larger M.  H100, both variants, the eight
+// Llama-3-8B/-70B shapes (benchmarks/results/gemm-h100-persistent.md): path 7 was 0-14% faster
+// at M = 256 on all of them and at M = 1024 on most, and 6-20% slower at M >= 4096 (its
+// 128-token tiles against path 3's 192).  Path 7 itself hands a grid that fits one wave back
+// to path 3 (split-K lives there).
+int persistent_max_m() {
+  static const int v = env_int("VLLM_QOQ_PERSISTENT_MAX_M", 1024, 1 << 30);
+  return v;
+}
 
 int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStream_t stream) {
   bool persistent = false;  // VLLM_QOQ_GEMM_PATH=sm90-persistent: 7 where the default has 2
@@ -139,7 +149,13 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
   if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128))) return 5;
   if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128))) return 6;
   if (requested == 5 || requested == 6) requested = 0;
-  if (requested == 0) requested = (a.M > 16 && sm90_ok(device, stream)) ? (persistent ? 7 : 2) : 1;
+  if (requested == 0) {
+    if (a.M > 16 && sm90_ok(device, stream)) {
+      requested = (persistent || a.M <= persistent_max_m()) ? 7 : 2;
+    } else {
+      requested = 1;
+    }
+  }
   if (requested == 1) return 1;
   TORCH_CHECK((requested >= 2 && requested <= 4) || requested == 7, "qoq GEMM: unknown kernel path ",
               requested);
