@@ -684,8 +684,13 @@ void dispatch(const AttnArgs& a, cudaStream_t stream) {
 
 bool head_size_supported(int head_size) { return head_size == 64 || head_size == 128; }
 
-// VLLM_QOQ_KV4_SPLITS=fill: the wave-filling split heuristic below (opt-in, not yet timed
-// on a GPU; docs/kv4.md); anything else: one wave of 3 CTAs per SM.  Read once.
+// Split-KV count.  Default: about one wave of 3 CTAs per SM, each split >= 128 keys, at
+// most 64.  VLLM_QOQ_KV4_SPLITS=fill (opt-in, read once): the SMALLEST split count whose
+// CTAs keep >= 90% of the wave slots busy over all waves (512 CTAs = batch 64 x 8 KV heads
+// on 396 slots: 1.3 waves, 65% busy unsplit; 3 splits: 3.9 waves, 97%), else the default.
+// A first version took the split count with the highest busy fraction up to 64 and so
+// picked ~30+ splits of a few hundred keys each: on the H100 it was 0.37-0.66x the default
+// at batch 64-256, head_dim 128 (benchmarks/results/attention-h100-decode-splits-*.json).
 static bool split_policy_fill() {
   static const bool fill = [] {
     const char* e = std::getenv("VLLM_QOQ_KV4_SPLITS");
@@ -699,32 +704,18 @@ int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int he
   const int G = num_q_heads / num_kv_heads;
   const int64_t ctas = (int64_t)num_seqs * num_kv_heads * ((max_query_len * G + 15) / 16);
   if (ctas <= 0) return 1;
-  int64_t splits;
+  const int64_t max_splits = std::min<int64_t>(64, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
+  int64_t splits = std::min<int64_t>((3LL * num_sms + ctas - 1) / ctas, max_splits);  // ~one wave
   if (split_policy_fill()) {
-    // CTA slots of one wave: the occupancy __launch_bounds__ asks for (min_blocks<D>)
     const int64_t slots =
         (int64_t)(head_size == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MIN_BLOCKS_128) * num_sms;
-    const int64_t max_splits = std::min<int64_t>(64, std::max(1, (max_seq_len + 127) / 128));
-    // Fewer than 4 waves: the last, partial wave is a large share of the time, so pick the
-    // split count (up to max_splits, >= 128 keys each) whose CTAs fill their waves best:
-    // 512 CTAs (batch 64, 8 KV heads) on 396 slots run as 1.3 waves (65% busy) unsplit,
-    // as 3.9 (97%) with 3 splits.  Ties go to fewer splits (less partial traffic).
-    splits = 1;
-    if (ctas < 4 * slots) {
-      double best = -1.0;
-      for (int64_t s = 1; s <= max_splits; ++s) {
-        const int64_t n = ctas * s;
-        const double busy = (double)n / (double)(((n + slots - 1) / slots) * slots);
-        if (busy > best + 1e-9) {
-          best = busy;
-          splits = s;
-        }
+    for (int64_t s = 1; s <= max_splits; ++s) {
+      const int64_t n = ctas * s;
+      if (n >= 0.9 * (double)(((n + slots - 1) / slots) * slots)) {
+        splits = s;
+        break;
       }
     }
-  } else {
-    splits = (3LL * num_sms + ctas - 1) / ctas;  // ~one wave of 3 CTAs per SM
-    splits = std::min<int64_t>(splits, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
-    splits = std::min<int64_t>(splits, 64);
   }
   // workspace: splits x [T, Hq, D + 1] fp32; keep it under 256 MiB (prefill has rows enough)
   const int64_t per_split = (int64_t)num_tokens * num_q_heads * (head_size + 1) * 4;
