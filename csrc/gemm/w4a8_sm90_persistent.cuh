@@ -21,15 +21,23 @@
 //   loads are in flight while the consumers run the current tile's epilogue.  Every stage
 //   use is released exactly once (the last one of a tile right after wgmma.wait_group 0,
 //   before the epilogue), so the ring never loses a phase.
-// * Epilogue straight from the accumulator registers, no shared memory, no CTA or
-//   warpgroup barrier (nothing is shared with the pipeline stages).  D fragment (see
-//   w4a8_sm90.cuh): a thread holds channels c = 16w+g and c+8 for tokens 8v+2t+{0,1}.  Each
-//   value gets epi::epi_math (the same fp32 formula in the same order as path 3, so the
-//   outputs are bit-identical) and is rounded to the output type; then lanes g and g^1
-//   (lane ^ 4: same tokens, neighbouring channels) swap one 16-bit value per (v, h), so each
-//   holds two adjacent channels of one token (even g: token e = 0, odd g: e = 1) and writes
-//   them as one 4-byte bf16x2/half2 store (a warp instruction writes 8 rows x 16 bytes).
-//   Odd N (no 4-byte alignment) stores the two halves separately.
+// * Two epilogues (template flag SMEM_EPI; env VLLM_QOQ_GEMM_EPILOGUE=regs|smem, default
+//   smem; int32 output always stores from registers).  Both compute every value with
+//   epi::epi_math (the same fp32 formula in the same order as path 3), so the outputs are
+//   bit-identical to path 3's.  D fragment (see w4a8_sm90.cuh): a thread holds channels
+//   c = 16w+g and c+8 for tokens 8v+2t+{0,1}.
+//   - regs (the first version): straight from the accumulator registers; lanes g and g^1
+//     swap one 16-bit value per (v, h) so each holds two adjacent channels of one token and
+//     writes one 4-byte bf16x2/half2 store.  A warp store instruction covers 8 token rows x
+//     16 bytes (half sectors): on the H100 this ran 20-30% behind the same kernel's int32
+//     output (gemm-h100-persistent.md).
+//   - smem (default): see `epilogue_smem` below.  Each consumer warpgroup owns a dedicated
+//     64-channel x BMT-token staging tile (not aliasing the pipeline stages, so the producer
+//     keeps filling the ring meanwhile), written with stmatrix.trans and stored by ONE
+//     asynchronous TMA tensor store (whole 128-byte rows, rows past M / channels past N
+//     clipped by the copy engine); the warpgroup goes straight back to the next tile's main
+//     loop while the copy engine drains the tile.  Only the warpgroup's own 128 threads
+//     synchronise (named barrier 2 + wg).
 //
 // Token tiles of 64 (M <= 64) or 128, never 192 (registers: see dispatch_persistent).
 // Falls back to path 3 (the caller runs it, incl. its split-K) when the tiles fit in
@@ -41,6 +49,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "gemm/w4a8_sm90.cuh"
 
@@ -61,14 +70,187 @@ __device__ __forceinline__ void tile_mn(int tile, int tn, int tm, int gm, int& m
 __device__ __forceinline__ uint16_t out_bits(__half y) { return __half_as_ushort(y); }
 __device__ __forceinline__ uint16_t out_bits(__nv_bfloat16 y) { return __bfloat16_as_ushort(y); }
 
-template <class C, bool G128, OutKind OUT>
-__global__ void __launch_bounds__(288, 1)
-    w4a8_sm90p_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int group_m) {
+// Path 7's tile configuration: path 3's (Cfg), plus, for the shared-memory epilogue, one
+// dedicated 2-byte output staging tile per consumer warpgroup (64 channels x BMT tokens,
+// 128-byte rows, 128-byte swizzle) after the stages.  STAGES drops below path 3's only if
+// the total would pass the 227 KB a CTA may use.  BMT 64 and 128 keep 6 stages: 121,952 /
+// 187,488 bytes per CTA with the staging tiles (105,568 / 154,720 without).
+template <int BMT_, bool SMEM_EPI>
+struct PCfg : Cfg<BMT_> {
+  using Base = Cfg<BMT_>;
+  static constexpr int OUT_TILE_BYTES = SMEM_EPI ? BMT_ * 128 : 0;  // per warpgroup
+  static constexpr int SMEM_LIMIT = 227 * 1024;
+  static constexpr int STAGES =
+      std::min(Base::STAGES, (SMEM_LIMIT - 1024 - 2 * OUT_TILE_BYTES - 2 * 8 * Base::STAGES) / Base::STAGE_BYTES);
+  static constexpr int SMEM_BYTES = STAGES * Base::STAGE_BYTES + 2 * OUT_TILE_BYTES + 1024 + 2 * STAGES * 8;
+  static_assert(STAGES >= 3, "pipeline depth");
+  static_assert(SMEM_BYTES <= SMEM_LIMIT, "shared memory");
+};
+
 #if QOQ_HAS_WGMMA
+// stmatrix m8n8.x4.trans: four 8x8 matrices of 16-bit values, register i of lane (g, t)
+// holding elements (g, 2t) and (g, 2t + 1) of matrix i (low half first); with .trans row r
+// of matrix i -- i.e. column r of the fragment -- goes to the 16 bytes at lane 8i+r's address.
+__device__ __forceinline__ void stmatrix_x4_trans(const void* row, uint32_t r0, uint32_t r1, uint32_t r2,
+                                                  uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   dev::smem_addr(row)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+// TMA tensor store of a shared-memory box to global memory (elements outside the tensor are
+// not written), tracked by the issuing thread's bulk async-groups.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, int c0, int c1, const void* src) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(dev::smem_addr(src))
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// The issuing thread's stores have finished READING their shared-memory source.
+__device__ __forceinline__ void bulk_wait_read_all() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// ... and are complete (written to global memory).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Named barrier 2 + cw over consumer warpgroup cw's 128 threads (immediate ids: a register
+// id makes ptxas reserve all 16 barriers).
+__device__ __forceinline__ void warpgroup_bar(int cw) {
+  if (cw == 0) {
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
+  }
+}
+
+// Shared-memory epilogue of one consumer warpgroup (64 channels nbase.. x BMT tokens m0..).
+//
+// Why this shape.  out is [M tokens, N channels] row-major and the accumulator fragment
+// holds channels along lanes (g) and tokens along t: stored from registers, each lane writes
+// 4 bytes per token row (the `regs` epilogue).  Staging the tile transposed in shared memory
+// lets the stores be whole 128-byte rows (64 channels of one token).  Of the two ways to
+// write those rows -- 16-byte vector stores by all 128 threads after a second barrier, or
+// one TMA tensor store -- the TMA store is chosen: it is asynchronous (the warpgroup starts
+// the next tile's main loop at once and the copy engine drains the tile meanwhile), it clips
+// rows past M and channels past N by itself (no per-row predicates), and it costs one
+// thread one instruction.  Its constraints (16-byte global row stride: N % 8 == 0; 16-byte
+// aligned output) are checked on the host (`tma_out`); elsewhere the warpgroup copies the
+// staged tile element by element (odd N etc.: correctness only).
+//
+// Staging: stmatrix.trans takes the fragment as it is -- register (v, h) packs the two
+// tokens e = 0, 1 of channel 16w+g+8h (no lane exchange) and row r of each 8x8 matrix
+// lands as 16 contiguous bytes (8 channels) of token row r.  x4 = matrices (v, h) for
+// v = 2j, 2j+1 and h = 0, 1: lane l addresses row l%8 of matrix l/8.  The tile's layout is
+// the TMA 128-byte swizzle (16-byte chunk c of token row m at chunk c ^ (m % 8); the tile is
+// 1024-byte aligned): a matrix's 8 rows hit 8 different chunks = all 32 banks, no conflicts.
+//
+// Reuse: the buffer is written again one tile later, after the issuing thread (ltid 0) has
+// waited for its store to have read it (cp.async.bulk.wait_group.read -- normally long
+// done, a whole main loop has passed) and the warpgroup barrier that follows.
+// Per-channel values (scales, szeros, bias) are loaded once per tile into registers,
+// per-token values (sx, qsum) once per v (tokens 2t, 2t+1: one 8-byte load each in full tiles).
+template <class C, bool G128, typename T>
+__device__ __forceinline__ void epilogue_smem(const W4A8Args& a, const CUtensorMap* omap, bool tma_out,
+                                              const int32_t (&acc)[C::BMT / 2], uint8_t* obuf, int m0,
+                                              int nbase, int cw, int ltid) {
+  constexpr int BMT = C::BMT;
+  const int warp = ltid / 32, lane = ltid % 32, g = lane / 4, t = lane % 4;
+  const bool has_bias = a.bias_kind != BiasKind::None;
+  epi::ColParams cp[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = nbase + warp * 16 + g + 8 * h;
+    cp[h] = n < a.N ? epi::col_params<G128>(a, n) : epi::ColParams{0.f, 0.f, 0.f};
+  }
+  // 8-byte token loads need 8-byte aligned sx/qsum (views may be offset)
+  const bool tok_vec =
+      ((reinterpret_cast<uintptr_t>(a.sx) | (G128 ? uintptr_t(0) : reinterpret_cast<uintptr_t>(a.qsum))) & 7) == 0;
+  const int mi = lane >> 3, r = lane & 7;  // stmatrix: this lane addresses row r of matrix mi
+  uint8_t* row = obuf + (8 * (mi >> 1) + r) * 128 + (((2 * warp + (mi & 1)) ^ r) << 4);
+
+  if (ltid == 0) bulk_wait_read_all();  // the previous tile's store has read the buffer
+  warpgroup_bar(cw);
+  // Token values without branches inside the unrolled loop (so that ptxas can issue the loads
+  // early): FULL tiles (all BMT rows < M, 8-byte aligned sx/qsum) load tokens m, m + 1 as one
+  // 8-byte load each; otherwise scalar loads at indices clamped to M - 1 (rows past M get
+  // some row's values and are never stored).
+  auto stage = [&](auto full_tile) {
+    constexpr bool FULL = decltype(full_tile)::value;
+#pragma unroll
+    for (int j = 0; j < BMT / 16; ++j) {
+      uint32_t rr[4];
+#pragma unroll
+      for (int dv = 0; dv < 2; ++dv) {
+        const int v = 2 * j + dv;
+        const int m = m0 + 8 * v + 2 * t;  // even: tokens m, m + 1
+        float sx0, sx1, qs0 = 0.f, qs1 = 0.f;
+        if constexpr (FULL) {
+          const float2 s = __ldg(reinterpret_cast<const float2*>(a.sx + m));
+          sx0 = s.x;
+          sx1 = s.y;
+          if constexpr (!G128) {
+            const int2 q = __ldg(reinterpret_cast<const int2*>(a.qsum + m));
+            qs0 = static_cast<float>(q.x);
+            qs1 = static_cast<float>(q.y);
+          }
+        } else {
+          const int i0 = min(m, a.M - 1), i1 = min(m + 1, a.M - 1);
+          sx0 = __ldg(a.sx + i0);
+          sx1 = __ldg(a.sx + i1);
+          if constexpr (!G128) {
+            qs0 = static_cast<float>(__ldg(a.qsum + i0));
+            qs1 = static_cast<float>(__ldg(a.qsum + i1));
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t lo =
+              out_bits(epi::to_out<T>(epi::epi_math<G128>(acc[4 * v + 2 * h], cp[h], sx0, qs0, has_bias)));
+          const uint32_t hi =
+              out_bits(epi::to_out<T>(epi::epi_math<G128>(acc[4 * v + 2 * h + 1], cp[h], sx1, qs1, has_bias)));
+          rr[2 * dv + h] = lo | (hi << 16);
+        }
+      }
+      stmatrix_x4_trans(row + j * (16 * 128), rr[0], rr[1], rr[2], rr[3]);
+    }
+  };
+  if (tok_vec && m0 + BMT <= a.M) {
+    stage(std::true_type{});
+  } else {
+    stage(std::false_type{});
+  }
+  fence_proxy_async();  // this thread's stmatrix writes -> visible to the copy engine
+  warpgroup_bar(cw);
+  if (tma_out) {
+    if (ltid == 0) {
+      tma_store_2d(omap, nbase, m0, obuf);
+      bulk_commit();
+    }
+  } else {
+    T* out = static_cast<T*>(a.out);
+    const int rows = min(BMT, a.M - m0);
+    for (int c = ltid; c < rows * 64; c += 128) {
+      const int ml = c >> 6, ch = c & 63, n = nbase + ch;
+      if (n < a.N) {
+        const uint8_t* src = obuf + ml * 128 + ((((ch >> 3) ^ ml) & 7) << 4) + (ch & 7) * 2;
+        out[static_cast<int64_t>(m0 + ml) * a.N + n] = *reinterpret_cast<const T*>(src);
+      }
+    }
+  }
+}
+#endif  // QOQ_HAS_WGMMA
+
+template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
+__global__ void __launch_bounds__(288, 1)
+    w4a8_sm90p_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap,
+                      const __grid_constant__ CUtensorMap omap, int group_m, int tma_out) {
+#if QOQ_HAS_WGMMA
+  static_assert(!(SMEM_EPI && OUT == OutKind::I32), "int32 output stores from registers");
   constexpr int BMT = C::BMT, STAGES = C::STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * C::STAGE_BYTES);
+  uint8_t* otiles = smem + STAGES * C::STAGE_BYTES;  // SMEM_EPI: 2 x OUT_TILE_BYTES, 1024-aligned
+  uint64_t* full = reinterpret_cast<uint64_t*>(otiles + 2 * C::OUT_TILE_BYTES);
   uint64_t* empty = full + STAGES;
 
   const int tid = threadIdx.x, wg = tid / 128, ltid = tid % 128;  // wg 2 = producer warp
@@ -213,8 +395,14 @@ __global__ void __launch_bounds__(288, 1)
     tile_mn(tile, tn, tm, group_m, mt, nt);
     const int n0 = nt * C::BN, m0 = mt * BMT;
 
-    // ---- epilogue: D[n][m] -> out[m][n], straight from registers
-    if constexpr (OUT == OutKind::I32) {
+    // ---- epilogue: D[n][m] -> out[m][n]
+    if constexpr (SMEM_EPI) {
+      const int nbase = n0 + cw * 64;
+      if (nbase < a.N) {  // uniform in the warpgroup (its barriers included)
+        epilogue_smem<C, G128, T>(a, &omap, tma_out != 0, acc, otiles + cw * C::OUT_TILE_BYTES, m0, nbase,
+                                  cw, ltid);
+      }
+    } else if constexpr (OUT == OutKind::I32) {
 #pragma unroll
       for (int v = 0; v < BMT / 8; ++v)
 #pragma unroll
@@ -228,7 +416,7 @@ __global__ void __launch_bounds__(288, 1)
             }
           }
         }
-    } else {
+    } else {  // regs: straight from the accumulator registers (see the top)
       epi::ColParams cp[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -276,6 +464,10 @@ __global__ void __launch_bounds__(288, 1)
       }
     }
   }
+  // the last tile's store must be complete before the CTA's shared memory goes away
+  if constexpr (SMEM_EPI) {
+    if (ltid == 0) bulk_wait_all();
+  }
 #endif  // QOQ_HAS_WGMMA
 }
 
@@ -289,17 +481,56 @@ inline int persistent_group_m() {
   return v;
 }
 
+// VLLM_QOQ_GEMM_EPILOGUE=regs|smem: path 7's fp16/bf16 epilogue (default smem; A/B only);
+// read once.
+inline bool persistent_smem_epilogue() {
+  static const bool v = [] {
+    const char* e = std::getenv("VLLM_QOQ_GEMM_EPILOGUE");
+    return !(e != nullptr && std::strcmp(e, "regs") == 0);
+  }();
+  return v;
+}
+
+// Tensor map of out [M, N] (2-byte elements) for the TMA store of one warpgroup's tile:
+// boxes of 64 channels (128 bytes) x bmt tokens, 128-byte swizzle (the staging layout).
+// False where TMA cannot store it: row stride not a multiple of 16 bytes (N % 8 != 0) or
+// an unaligned base; the kernel then copies the staged tile element by element.
+inline bool make_out_map(const W4A8Args& a, int bmt, CUtensorMap* map) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    QOQ_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                    cudaEnableDefault, &q));
+    if (q != cudaDriverEntryPointSuccess || fn == nullptr) {
+      qoq::throw_cuda_error(cudaErrorNotSupported, "cuTensorMapEncodeTiled lookup", __FILE__, __LINE__);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (a.N % 8 != 0 || (reinterpret_cast<uintptr_t>(a.out) & 15) != 0) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(a.N), static_cast<cuuint64_t>(a.M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(a.N) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(bmt)};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.out, dims, strides, box, estr,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    qoq::throw_cuda_error(cudaErrorInvalidValue, "cuTensorMapEncodeTiled(out)", __FILE__, __LINE__);
+  }
+  return true;
+}
+
 // max_ctas > 0 (debug op): persistent kernel with at most max_ctas CTAs, never the path-3
 // fallback.  max_ctas == 0: grid = #SMs x CTAs per SM.  Returns false, launching nothing,
 // where the caller must run path 3 instead (one wave or less, K == 0): the path-3 kernels
 // are instantiated in their own translation units, not again here.
-template <class C, bool G128, OutKind OUT>
+template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
 bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
   const int64_t tn = (a.N + C::BN - 1) / C::BN;
   const int64_t tm = (a.M + C::BMT - 1) / C::BMT;
   const int64_t tiles = tn * tm;
   if (a.K == 0 || tiles > INT_MAX) return false;
-  auto kern = w4a8_sm90p_kernel<C, G128, OUT>;
+  auto kern = w4a8_sm90p_kernel<C, G128, OUT, SMEM_EPI>;
   static unsigned long long setup_done = 0;  // per instantiation, one bit per device
   static int per_sm[64] = {};
   int dev = 0;
@@ -316,7 +547,11 @@ bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
   if (max_ctas <= 0 && tiles <= slots) return false;
   const int64_t grid = std::min<int64_t>(tiles, max_ctas > 0 ? max_ctas : slots);
   const CUtensorMap xmap = make_x_map(a, C::BMT);
-  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, persistent_group_m());
+  CUtensorMap omap;
+  std::memset(&omap, 0, sizeof(omap));
+  const bool tma_out = SMEM_EPI && make_out_map(a, C::BMT, &omap);
+  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, omap, persistent_group_m(),
+                                                                          tma_out ? 1 : 0);
   QOQ_CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -328,8 +563,17 @@ bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
 // need setmaxnreg (consumers up, producer down) -- not done yet.
 template <bool G128, OutKind OUT>
 bool dispatch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
-  if (a.M <= 64) return launch_persistent<Cfg<64>, G128, OUT>(a, max_ctas, stream);
-  return launch_persistent<Cfg<128>, G128, OUT>(a, max_ctas, stream);
+  if constexpr (OUT == OutKind::I32) {
+    if (a.M <= 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
+    return launch_persistent<PCfg<128, false>, G128, OUT, false>(a, max_ctas, stream);
+  } else {
+    if (persistent_smem_epilogue()) {
+      if (a.M <= 64) return launch_persistent<PCfg<64, true>, G128, OUT, true>(a, max_ctas, stream);
+      return launch_persistent<PCfg<128, true>, G128, OUT, true>(a, max_ctas, stream);
+    }
+    if (a.M <= 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
+    return launch_persistent<PCfg<128, false>, G128, OUT, false>(a, max_ctas, stream);
+  }
 }
 
 }  // namespace sm90
