@@ -11,10 +11,12 @@ Configs (each converted once and cached under .cache/accuracy/):
   rtn-g128      RTN W4A8 progressive g128
   qoq-chn       QoQ W4A8 per-channel              (converters.recipe, the full recipe)
   qoq-g128      QoQ W4A8 g128
-  qoq-chn-nosa  QoQ per-channel without SmoothAttention
-  qoq-g128-nosa QoQ g128 without SmoothAttention
-  qoq-chn-rotv, qoq-g128-rotv  QoQ + a per-head Hadamard on v_proj/o_proj
-                (--rotate-v-heads: V's outliers spread before KV4 quantizes it)
+  qoq-*-nosa    ... without SmoothAttention
+  qoq-*-search  ... SmoothAttention α searched per KV head (--smooth-attention-search)
+  qoq-*-rotv    ... + a per-head Hadamard on v_proj/o_proj (--rotate-v-heads)
+  qoq-*[-...]-w4o  ... with o_proj smoothing scored by its W4A8 error only
+                (--no-kv4-aware-smoothing; the recipe before 2026-11-22)
+Default --configs: fp16 rtn-chn rtn-g128 qoq-chn qoq-g128 qoq-chn-nosa qoq-g128-nosa.
 Each quantized config is measured with KV16 and, with --kv-bits 4, KV4 (the same
 weights; only config.json's kv_cache_bits differs).  Runtimes:
   vllm       vLLM with the vllm_qoq plugin (CUDA kernels on a GPU; the plugin's
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -48,17 +51,24 @@ CONFIGS = {
     "fp16": ("fp16", None),
     "rtn-chn": ("RTN W4A8 per-channel", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "-1"]),
     "rtn-g128": ("RTN W4A8 g128", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "128"]),
-    "qoq-chn": ("QoQ W4A8 per-channel", ["-m", "converters.recipe.cli", "--group-size", "-1"]),
-    "qoq-g128": ("QoQ W4A8 g128", ["-m", "converters.recipe.cli", "--group-size", "128"]),
-    "qoq-chn-nosa": ("QoQ W4A8 per-channel, no SmoothAttention",
-                     ["-m", "converters.recipe.cli", "--group-size", "-1", "--no-smooth-attention"]),
-    "qoq-g128-nosa": ("QoQ W4A8 g128, no SmoothAttention",
-                      ["-m", "converters.recipe.cli", "--group-size", "128", "--no-smooth-attention"]),
-    "qoq-chn-rotv": ("QoQ W4A8 per-channel, V heads rotated",
-                     ["-m", "converters.recipe.cli", "--group-size", "-1", "--rotate-v-heads"]),
-    "qoq-g128-rotv": ("QoQ W4A8 g128, V heads rotated",
-                      ["-m", "converters.recipe.cli", "--group-size", "128", "--rotate-v-heads"]),
 }
+# QoQ: the default recipe and its variants; "-w4o" = o_proj smoothing scored by its W4A8
+# error only (V not KV4-quantized in the search) — the recipe before 2026-11-22.
+_QOQ_VARIANTS = [
+    ("", "", []),
+    ("-nosa", ", no SmoothAttention", ["--no-smooth-attention"]),
+    ("-search", ", α searched", ["--smooth-attention-search"]),
+    ("-rotv", ", V heads rotated", ["--rotate-v-heads"]),
+]
+for _gname, _glabel, _gs in (("chn", "per-channel", "-1"), ("g128", "g128", "128")):
+    for _suffix, _label, _flags in _QOQ_VARIANTS:
+        for _w4o in (False, True):
+            CONFIGS[f"qoq-{_gname}{_suffix}" + ("-w4o" if _w4o else "")] = (
+                f"QoQ W4A8 {_glabel}{_label}" + (", W4A8-only o_proj smoothing" if _w4o else ""),
+                ["-m", "converters.recipe.cli", "--group-size", _gs, *_flags]
+                + (["--no-kv4-aware-smoothing"] if _w4o else []),
+            )
+MAIN_CONFIGS = ["fp16", "rtn-chn", "rtn-g128", "qoq-chn", "qoq-g128", "qoq-chn-nosa", "qoq-g128-nosa"]
 
 
 def versions() -> dict:
@@ -77,13 +87,18 @@ def build(name: str, src: Path, cache: Path, args) -> tuple[Path | None, str | N
     if cmd is None:
         return src, None
     out = cache / f"smollm2-{name}"
-    if (out / "config.json").is_file():
-        return out, None
     extra = []
     if "converters.recipe.cli" in cmd:
         extra = ["--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
                  "--clip-steps", str(args.clip_steps), "--device", args.device]
     full = [sys.executable, *cmd, "--model", str(src), "--out", str(out), "--overwrite", *extra]
+    # the cached checkpoint is reused only if it came from the same command and converter code
+    stamp = cache / f"smollm2-{name}.stamp"
+    key = json.dumps({"cmd": full[1:], "code": converter_digest()})
+    if (out / "config.json").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return out, None
+    for old in (out, out.with_name(out.name + "-kv4"), out.with_name(out.name + "-kv8")):
+        shutil.rmtree(old, ignore_errors=True)  # incl. with_kv_bits' hard-linked siblings
     print("+", " ".join(full), flush=True)
     log = cache / f"{name}.log"
     with open(log, "w") as fh:
@@ -92,7 +107,16 @@ def build(name: str, src: Path, cache: Path, args) -> tuple[Path | None, str | N
         tail = log.read_text()[-600:]
         reason = next((ln for ln in tail.splitlines() if ln.startswith("error:")), tail.splitlines()[-1])
         return None, reason
+    stamp.write_text(key)
     return out, None
+
+
+def converter_digest() -> str:
+    """Hash of the converter and format sources: a recipe change invalidates cached checkpoints."""
+    h = hashlib.sha256()
+    for f in sorted([*(ROOT / "converters").rglob("*.py"), ROOT / "vllm_qoq" / "format.py"]):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def with_kv_bits(ckpt: Path, bits: int) -> Path:
@@ -146,6 +170,9 @@ NOTES = [
     "PyTorch with dequantized weights + reference per-token INT8 activations (KV cache unquantized).",
     "QoQ calibration on CPU: 32 x 512 tokens of the SOTU 1934-2000 text, 20 clip steps (the paper: "
     "128 x 1024, 80 steps; use those on a GPU).",
+    "Rows labelled 'W4A8-only o_proj smoothing' come from the recipe before 2026-11-22 (configs qoq-*-w4o): "
+    "runs dated 2026-11-21 that name qoq-chn / qoq-g128 / qoq-*-nosa / qoq-*-rotv measured that recipe, and "
+    "the 2026-11-22 00:0x GPU run naming qoq-g128 measured qoq-g128-search-w4o.",
     "runtime gpu/vllm = vLLM 0.26 on an H100 with the plugin's CUDA kernels (W4A8 GEMMs; KV4 rows use "
     "the KV4 backend: fused decode, gather + FlashAttention prefill); QoQ calibrated on the GPU with "
     "128 x 1024 tokens and 80 clip steps; 40 windows.",
@@ -182,6 +209,11 @@ def target_lines(rows: list[dict]) -> list[str]:
             if None not in (sa, nosa):
                 items.append(f"KV4 with SmoothAttention {sa:.2f} vs without {nosa:.2f} (target with < without: "
                              f"{'met' if sa < nosa else 'NOT met'})")
+            for var in ("per-channel", "g128"):
+                new, old = got(f"QoQ W4A8 {var}, KV4"), got(f"QoQ W4A8 {var}, W4A8-only o_proj smoothing, KV4")
+                if None not in (new, old):
+                    items.append(f"KV4-aware o_proj smoothing vs W4A8-only ({var}, KV4): {new:.2f} vs {old:.2f} "
+                                 "(not a target)")
             if items:
                 out += ["", f"Against the targets ({prefix}, {metric}):", ""] + [f"- {i}" for i in items]
     return out
@@ -253,7 +285,7 @@ def merge(out: Path, sources: list[Path]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=MAIN_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--runtimes", nargs="*", default=["vllm", "reference"], choices=["vllm", "reference"])
     p.add_argument("--kv-bits", nargs="*", type=int, default=[16], choices=[4, 8, 16])
     p.add_argument("--dataset", default="wikitext2")

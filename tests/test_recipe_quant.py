@@ -226,7 +226,7 @@ def test_smooth_attention_search_picks_per_head_and_beats_fixed_alpha():
 
     q, k, v = _attn_problem()
     st = {"k": k.abs().amax(1), "q": q.abs().amax(1).view(2, 2, 32).amax(1), "attn": [(q, k, v)]}
-    opts = QoQOptions()
+    opts = QoQOptions(smooth_attention_search=True)
     lam, info = _search_smooth_attention(st, opts, 4, 2, 32)
     assert len(info["alpha"]) == 2 and info["alpha"][0] > 0  # the outlier head gets smoothed
     errs = {a: _kv4_attention_error(q, k, v, T.smooth_attention_scales(st["k"], st["q"], a))
@@ -243,7 +243,8 @@ def test_smooth_attention_search_picks_per_head_and_beats_fixed_alpha():
 def test_run_qoq_records_the_smooth_attention_search():
     m = _model("llama")
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(4))
-    opts = QoQOptions(clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False)
+    opts = QoQOptions(clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False,
+                      smooth_attention_search=True)
     res = run_qoq(m, None, ids, -1, opts)
     assert res.recipe["smooth_attention_alpha"] == "search"
     rows = [r for r in res.report if r["linear"] == "k_proj"]
@@ -251,7 +252,59 @@ def test_run_qoq_records_the_smooth_attention_search():
     assert all(r["smooth"]["kv4_err"] <= r["smooth"]["kv4_err_none"] * (1 + 1e-6) for r in rows)
     assert "SmoothAttention search" in res.summary()
     fixed = run_qoq(_model("llama"), None, ids, -1, QoQOptions(
-        clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False,
-        smooth_attention_search=False))
+        clip_steps=5, batch_size=2, progress=False, smooth_tokens=128, device="cpu", gptq=False))
     assert fixed.recipe["smooth_attention_alpha"] == 0.5
     assert all("smooth" not in r for r in fixed.report if r["linear"] == "k_proj")
+
+
+# ------------------------------------------- KV4-aware o_proj smoothing (V is divided by s)
+def test_o_proj_input_is_reference_attention():
+    from converters.recipe.pipeline import _causal_probs, _o_proj_input
+    from vllm_qoq.reference import kv4 as R
+
+    q, k, v = _attn_problem()
+    got = _o_proj_input(_causal_probs(q, k), v)  # [T, Hq*D]
+    want = R.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), 32 ** -0.5, 0)
+    torch.testing.assert_close(got, want.reshape(96, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_kv4_aware_o_smoothing_minimises_the_runtime_error():
+    """_smooth_o picks, over its grid, the factor with the smallest error of o_proj computed as
+    the runtime does: Q8(P·deq(Q4(V/s)))·Q4(W·s)ᵀ — checked here through the reference ops."""
+    from converters.recipe import pipeline as P
+    from vllm_qoq.reference import kv4 as R
+
+    q, k, v = _attn_problem(t=64)
+    v[1, :, 5] *= 30  # an outlier V channel: smoothing it away from V helps KV4
+    lin = torch.nn.Linear(4 * 32, 96, bias=False)
+    torch.nn.init.normal_(lin.weight, std=0.05)
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Module()
+    layer.self_attn.o_proj = lin
+    layer.self_attn.v_proj = torch.nn.Linear(96, 2 * 32, bias=False)
+    x_ref = R.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), 32 ** -0.5, 0).reshape(64, -1)
+    st = {"attn": [(q, k, v)], "o_x": x_ref, "o_absmax": x_ref.abs().amax(0)}
+    opts = QoQOptions(smooth_alphas=(0.25, 0.5), smooth_betas=(0.5,))
+    w0 = lin.weight.detach().clone()
+    grp, y_ref = 2, x_ref @ w0.T
+
+    def runtime_error(s_kv):
+        v_hat = R.dequantize_kv4(*R.quantize_kv4((v / s_kv[:, None, :]).transpose(0, 1)))  # [T, Hkv, D]
+        x_hat = R.attention(q.transpose(0, 1), k.transpose(0, 1), v_hat, 32 ** -0.5, 0).reshape(64, -1)
+        s = s_kv.repeat_interleave(grp, dim=0).reshape(-1)
+        return P._a8_w4_error(x_hat, w0 * s, y_ref, -1, opts.protective_range)
+
+    x_absmax = st["o_absmax"].view(2, grp, 32).amax(1).reshape(-1)
+    w_absmax = w0.abs().amax(0).view(2, grp, 32).amax(1).reshape(-1)
+    cands = {(0.0, 0.0): torch.ones(2, 32)}
+    for al, be in P._grid(opts):
+        if al or be:
+            cands[(al, be)] = T.smooth_scales(x_absmax, w_absmax, al, be).view(2, 32).float()
+    errs = {key: runtime_error(s_kv) for key, s_kv in cands.items()}
+    info = P._smooth_o(layer, st, -1, opts, 4, 2, 32)
+    chosen = (info["alpha"], info["beta"])
+    assert errs[chosen] <= min(errs.values()) * (1 + 1e-4), (chosen, errs)
+    # and the factor was folded: o_proj columns × s, v_proj rows ÷ s
+    if chosen != (0.0, 0.0):
+        s = cands[chosen].repeat_interleave(grp, dim=0).reshape(-1)
+        torch.testing.assert_close(lin.weight.detach(), w0 * s, rtol=1e-5, atol=1e-7)
