@@ -8,7 +8,8 @@
   variants and every path.  Path 7 is also forced onto a few CTAs (max_ctas) so that every
   shape runs many tiles per CTA through one continuing mbarrier ring.
 * Path 7's float outputs (qoq_debug::w4a8_gemm: the real ops' computation through one
-  forced path) are bit-identical to path 3's (same fp32 epilogue formula and order).
+  forced path) are bit-identical to path 3's (same fp32 epilogue formula and order), with
+  the default shared-memory/TMA-store epilogue and with VLLM_QOQ_GEMM_EPILOGUE=regs.
 * GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
   ops (reference/gemm.py) run on the natural layout.
 * Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
@@ -232,12 +233,15 @@ def _gemm_path(q, kt, x, b, gs, dtype, path, max_ctas=0):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gs", [-1, 128])
-@pytest.mark.parametrize("n,k", OUT_SHAPES + [(33, 256), (4096, 14336)])
+# (33, 130: N % 8 != 0, the element-copy fallback of path 7's staged epilogue; 33: the
+# second warpgroup of every tile has no channels; 200: its last tile 8 of 64)
+@pytest.mark.parametrize("n,k", OUT_SHAPES + [(33, 256), (130, 256), (200, 384), (4096, 14336)])
 @pytest.mark.parametrize("m", [17, 1000, 4097])
 def test_persistent_outputs_bit_identical_to_path3(m, n, k, gs, dtype, bias):
-    """Path 7's register epilogue (4-byte pair stores after a lane exchange) writes exactly
-    path 3's shared-memory epilogue's values, forced persistent on a few CTAs and as the
-    real ops run it; both within one output ulp of the reference."""
+    """Path 7's epilogue (by default staged in shared memory and written by TMA tensor
+    stores, rows past M / channels past N clipped) writes exactly path 3's values, forced
+    persistent on a few CTAs and as the real ops run it; both within one output ulp of the
+    reference."""
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
     _need_path(7)
@@ -260,6 +264,106 @@ def test_persistent_outputs_bit_identical_to_path3(m, n, k, gs, dtype, bias):
                                   q["s2_zeros"], b, dtype)
     torch.testing.assert_close(y3.float(), want.float(), rtol=1e-2, atol=1e-2)
     assert float((y3 != want).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("gs", [-1, 128])
+def test_persistent_epilogue_unaligned_token_scales(gs):
+    """sx / qsum views at an odd element offset (no 8-byte token loads in path 7's staged
+    epilogue: the scalar path) give path 3's outputs."""
+    _need_path(7)
+    m, n, k = 1000, 256, 512
+    q = _weights(n, k, gs, 21)
+    kt = kl.to_kernel_layout(q, gs)
+    x = _x(m, k, torch.bfloat16, 22)
+    qx, sx, qsum = ops.quantize_per_token(x)
+    sx_off = torch.empty(m + 1, device=DEV, dtype=sx.dtype)[1:]
+    qsum_off = torch.empty(m + 1, device=DEV, dtype=qsum.dtype)[1:]
+    sx_off.copy_(sx)
+    qsum_off.copy_(qsum)
+    assert sx_off.data_ptr() % 8 == 4 and qsum_off.data_ptr() % 8 == 4
+    ys = []
+    for sx_, qsum_, path in ((sx, qsum, 3), (sx_off, qsum_off, 7)):
+        if gs == -1:
+            ys.append(torch.ops.qoq_debug.w4a8_gemm(qx, sx_, qsum_, kt["qweight"], kt["scales"],
+                                                    kt["szeros"], None, None, None, torch.bfloat16,
+                                                    path, 3))
+        else:
+            ys.append(torch.ops.qoq_debug.w4a8_gemm(qx, sx_, None, kt["qweight"], kt["s1_scales"],
+                                                    None, kt["s2_scales"], kt["s2_zeros"], None,
+                                                    torch.bfloat16, path, 3))
+    assert torch.equal(ys[1], ys[0]), f"{int((ys[1] != ys[0]).sum())} differ from path 3"
+
+
+def test_persistent_graph_replay():
+    """Path 7 (forced persistent, TMA-store epilogue: the output tensor map is a kernel
+    argument) captured in a CUDA graph replays to the eager outputs."""
+    _need_path(7)
+    m, n, k = 600, 384, 1024
+    q = _weights(n, k, 128, 31)
+    kt = kl.to_kernel_layout(q, 128)
+    x = _x(m, k, torch.float16, 32)
+    qx, sx, _ = ops.quantize_per_token(x)
+
+    def run():
+        return torch.ops.qoq_debug.w4a8_gemm(qx, sx, None, kt["qweight"], kt["s1_scales"], None,
+                                             kt["s2_scales"], kt["s2_zeros"], None, torch.float16,
+                                             7, 4)
+
+    first = run()
+    assert torch.equal(first, _gemm_path(q, kt, x, None, 128, torch.float16, 3))
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+        with torch.cuda.graph(g):
+            y = run()
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        y.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, first)
+
+
+_REGS_EPILOGUE_SCRIPT = """
+import torch
+from vllm_qoq import kernel_layout as kl, ops
+from vllm_qoq.reference.quantize import quantize_weight
+ops.register_ops()
+assert ops.has_cuda_kernels(), ops.extension_error()
+g = torch.Generator(device="cuda").manual_seed(5)
+for (m, n, k, gs) in [(17, 96, 576, -1), (1000, 200, 384, 128), (4097, 33, 256, -1), (1000, 512, 1024, 128)]:
+    q = quantize_weight(torch.randn(n, k, device="cuda", generator=g), gs)
+    kt = kl.to_kernel_layout(q, gs)
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    b = (torch.randn(n, device="cuda", generator=g) * 4).to(torch.bfloat16)
+    qx, sx, qsum = ops.quantize_per_token(x)
+    ys = []
+    for path in (3, 7):
+        if gs == -1:
+            ys.append(torch.ops.qoq_debug.w4a8_gemm(qx, sx, qsum, kt["qweight"], kt["scales"],
+                      kt["szeros"], None, None, b, torch.bfloat16, path, 3))
+        else:
+            ys.append(torch.ops.qoq_debug.w4a8_gemm(qx, sx, None, kt["qweight"], kt["s1_scales"],
+                      None, kt["s2_scales"], kt["s2_zeros"], b, torch.bfloat16, path, 3))
+    assert torch.equal(ys[0], ys[1]), (m, n, k, gs, int((ys[0] != ys[1]).sum()))
+print("OK")
+"""
+
+
+def test_persistent_regs_epilogue_bit_identical_to_path3():
+    """The register epilogue kept for A/B (VLLM_QOQ_GEMM_EPILOGUE=regs, read once per
+    process: a subprocess) still writes path 3's values."""
+    _need_path(7)
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_QOQ_GEMM_EPILOGUE="regs")
+    r = subprocess.run([sys.executable, "-c", _REGS_EPILOGUE_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
 @pytest.mark.parametrize("path", [5, 6])
