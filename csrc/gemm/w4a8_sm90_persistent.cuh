@@ -1,7 +1,8 @@
 // Persistent variant of the Hopper wgmma W4A8 GEMM (path 7, opt-in: VLLM_QOQ_GEMM_PATH=
-// sm90-persistent).  Same CTA (288 threads: two consumer warpgroups, one TMA producer warp),
-// same 128 x BMT tiles, same stage layout, same main loop and the same fp32 epilogue
-// arithmetic as w4a8_sm90.cuh (path 3) -- read that file first.  What differs:
+// sm90-persistent).  Same CTA (288 threads: two consumer warpgroups, one TMA producer warp;
+// 384 with a producer warpgroup and setmaxnreg for BMT = 192), same 128 x BMT tiles, same
+// stage layout, same main loop and the same fp32 epilogue arithmetic as w4a8_sm90.cuh
+// (path 3) -- read that file first.  What differs:
 //
 // * Grid = min(#tiles, #SMs x CTAs per SM); CTA b runs tiles b, b + grid, b + 2 grid, ...
 //   (static schedule; no split-K: path 7 is for large M).
@@ -39,7 +40,8 @@
 //     loop while the copy engine drains the tile.  Only the warpgroup's own 128 threads
 //     synchronise (named barrier 2 + wg).
 //
-// Token tiles of 64 (M <= 64) or 128, never 192 (registers: see dispatch_persistent).
+// Token tiles of 64 (M <= 64), 128 or 192 (path 3's pick_bmt; 192 with a 384-thread CTA and
+// setmaxnreg, see dispatch_persistent).
 // Falls back to path 3 (the caller runs it, incl. its split-K) when the tiles fit in
 // one wave (#tiles <= #SMs x CTAs per SM: persistence gains nothing there) or K == 0; the
 // debug op can force the persistent kernel with a small grid (max_ctas) to test the
@@ -74,10 +76,18 @@ __device__ __forceinline__ uint16_t out_bits(__nv_bfloat16 y) { return __bfloat1
 // dedicated 2-byte output staging tile per consumer warpgroup (64 channels x BMT tokens,
 // 128-byte rows, 128-byte swizzle) after the stages.  STAGES drops below path 3's only if
 // the total would pass the 227 KB a CTA may use.  BMT 64 and 128 keep 6 stages: 121,952 /
-// 187,488 bytes per CTA with the staging tiles (105,568 / 154,720 without).
-template <int BMT_, bool SMEM_EPI>
+// 187,488 bytes per CTA with the staging tiles (105,568 / 154,720 without); BMT 192 drops
+// to 5 stages with them (219,216 bytes; 6 stages and 203,872 bytes without).
+template <int BMT_, bool SMEM_EPI, bool WIDE_ = false>
 struct PCfg : Cfg<BMT_> {
   using Base = Cfg<BMT_>;
+  // WIDE: a whole producer warpgroup (384 threads) so that setmaxnreg can move registers
+  // from it (40) to the consumers (232): 128 x 40 + 256 x 232 = 64,512 <= 65,536.
+  // The consumers' BMT = 192 code then uses up to 193 (g128) / 172 (chn) registers in the
+  // SASS (ptxas -v reports the 168 at entry; the producer region uses 7).  Path 3 (and path 7 before) could not get
+  // there with 288 threads: cap 168, the wgmmas serialised (C7512).
+  static constexpr bool WIDE = WIDE_;
+  static constexpr int THREADS = WIDE_ ? 384 : 288;
   static constexpr int OUT_TILE_BYTES = SMEM_EPI ? BMT_ * 128 : 0;  // per warpgroup
   static constexpr int SMEM_LIMIT = 227 * 1024;
   static constexpr int STAGES =
@@ -241,7 +251,7 @@ __device__ __forceinline__ void epilogue_smem(const W4A8Args& a, const CUtensorM
 #endif  // QOQ_HAS_WGMMA
 
 template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
-__global__ void __launch_bounds__(288, 1)
+__global__ void __launch_bounds__(C::THREADS, 1)
     w4a8_sm90p_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap,
                       const __grid_constant__ CUtensorMap omap, int group_m, int tma_out) {
 #if QOQ_HAS_WGMMA
@@ -269,6 +279,8 @@ __global__ void __launch_bounds__(288, 1)
 
   if (wg == 2) {
     // ------------------------------------------------------------------ producer
+    // (the whole warpgroup: setmaxnreg is .sync.aligned per warpgroup)
+    if constexpr (C::WIDE) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (ltid == 0) {
       const int kblocks = a.K / 32;
       int s = 0;           // stage of the next use
@@ -315,6 +327,7 @@ __global__ void __launch_bounds__(288, 1)
   }
 
   // -------------------------------------------------------------------- consumers
+  if constexpr (C::WIDE) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int cw = wg, warp = ltid / 32, lane = ltid % 32, g = lane / 4, t = lane % 4;
   const int nb = cw * 2 + warp / 2, sh = warp % 2;
   const int nrow = cw * 64 + warp * 16 + g;  // channel (within the tile) of acc[.. 2h=0 ..]
@@ -556,22 +569,36 @@ bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
   return true;
 }
 
-// Token-tile width: 64 up to M = 64, else 128.  Not 192 (path 3's choice at large M): with
-// the tile loop around the main loop, ptxas serialises the BMT = 192 wgmmas for lack of
-// registers (C7512; 96 accumulators + 32 fragment registers under the 168-register cap a
-// 288-thread wgmma CTA gets); BMT = 128 compiles without it (~145 registers).  192 would
-// need setmaxnreg (consumers up, producer down) -- not done yet.
+// VLLM_QOQ_GEMM_P7_BMT=128: path 7 never uses 192-token tiles (A/B); read once.
+inline bool persistent_allow_192() {
+  static const bool v = [] {
+    const char* e = std::getenv("VLLM_QOQ_GEMM_P7_BMT");
+    return !(e != nullptr && std::strcmp(e, "128") == 0);
+  }();
+  return v;
+}
+
+// Token-tile width: path 3's (pick_bmt: 64 up to M = 64, 128 up to 128, above 128 or 192 by
+// a waves x (BMT + 64) cost model).  BMT = 192 runs the 384-thread CTA (producer warpgroup,
+// setmaxnreg 40 / 232): with 288 threads every thread is capped at 168 registers and, with
+// the tile loop around the main loop, ptxas serialised the 192-token wgmmas (C7512).  The
+// register epilogue (VLLM_QOQ_GEMM_EPILOGUE=regs) keeps the first version's tiles (64/128,
+// 288 threads) for A/B.
 template <bool G128, OutKind OUT>
 bool dispatch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
+  const int bmt = pick_bmt(a);
+  const bool wide = bmt == 192 && persistent_allow_192();
   if constexpr (OUT == OutKind::I32) {
-    if (a.M <= 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
+    if (bmt == 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
+    if (wide) return launch_persistent<PCfg<192, false, true>, G128, OUT, false>(a, max_ctas, stream);
     return launch_persistent<PCfg<128, false>, G128, OUT, false>(a, max_ctas, stream);
   } else {
     if (persistent_smem_epilogue()) {
-      if (a.M <= 64) return launch_persistent<PCfg<64, true>, G128, OUT, true>(a, max_ctas, stream);
+      if (bmt == 64) return launch_persistent<PCfg<64, true>, G128, OUT, true>(a, max_ctas, stream);
+      if (wide) return launch_persistent<PCfg<192, true, true>, G128, OUT, true>(a, max_ctas, stream);
       return launch_persistent<PCfg<128, true>, G128, OUT, true>(a, max_ctas, stream);
     }
-    if (a.M <= 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
+    if (bmt == 64) return launch_persistent<PCfg<64, false>, G128, OUT, false>(a, max_ctas, stream);
     return launch_persistent<PCfg<128, false>, G128, OUT, false>(a, max_ctas, stream);
   }
 }

@@ -294,6 +294,28 @@ def test_persistent_epilogue_unaligned_token_scales(gs):
     assert torch.equal(ys[1], ys[0]), f"{int((ys[1] != ys[0]).sum())} differ from path 3"
 
 
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("n", [2048, 2044, 1990])
+def test_persistent_bmt192_tiles(n, gs):
+    """Shapes where path 7 picks 192-token tiles (the 384-thread setmaxnreg CTA; M = 8191:
+    a partial last tile; N % 8 != 0 and a half-empty last warpgroup; 192 is picked on a
+    132-SM H100 -- elsewhere this tests 128-token tiles): int32 accumulators
+    exact and float outputs bit-identical to path 3, on a few CTAs and on the full grid."""
+    _need_path(7)
+    m, k = 8191, 256
+    acc, want = _acc_case(m, n, k, gs, seed=n + gs, path=7, max_ctas=7)
+    assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
+    q = _weights(n, k, gs, n + 1)
+    kt = kl.to_kernel_layout(q, gs)
+    x = _x(m, k, torch.bfloat16, n + 2)
+    b = (torch.randn(n, device=DEV, generator=_gen(n + 3)) * 4).to(torch.bfloat16)
+    y3 = _gemm_path(q, kt, x, b, gs, torch.bfloat16, 3)
+    for max_ctas in (7, 0):
+        y7 = _gemm_path(q, kt, x, b, gs, torch.bfloat16, 7, max_ctas)
+        assert torch.equal(y7, y3), (
+            f"max_ctas={max_ctas}: {int((y7 != y3).sum())} of {y3.numel()} differ from path 3")
+
+
 def test_persistent_graph_replay():
     """Path 7 (forced persistent, TMA-store epilogue: the output tensor map is a kernel
     argument) captured in a CUDA graph replays to the eager outputs."""
