@@ -684,19 +684,27 @@ void dispatch(const AttnArgs& a, cudaStream_t stream) {
 
 bool head_size_supported(int head_size) { return head_size == 64 || head_size == 128; }
 
-// Split-KV count.  Default: about one wave of 3 CTAs per SM, each split >= 128 keys, at
-// most 64.  VLLM_QOQ_KV4_SPLITS=fill (opt-in, read once): the SMALLEST split count whose
-// CTAs keep >= 90% of the wave slots busy over all waves (512 CTAs = batch 64 x 8 KV heads
-// on 396 slots: 1.3 waves, 65% busy unsplit; 3 splits: 3.9 waves, 97%), else the default.
-// A first version took the split count with the highest busy fraction up to 64 and so
-// picked ~30+ splits of a few hundred keys each: on the H100 it was 0.37-0.66x the default
-// at batch 64-256, head_dim 128 (benchmarks/results/attention-h100-decode-splits-*.json).
-static bool split_policy_fill() {
-  static const bool fill = [] {
+// Split-KV count.  Two candidates:
+//  * "wave": about one wave of 3 CTAs per SM, each split >= 128 keys, at most 64;
+//  * "fill": the SMALLEST split count whose CTAs keep >= 90% of the wave slots busy over all
+//    waves (512 CTAs = batch 64 x 8 KV heads on 396 slots: 1.3 waves, 65% busy unsplit;
+//    3 splits: 3.9 waves, 97%).
+// Default: "fill" where it means fewer splits than "wave", or where each of its splits
+// still gets >= 4096 keys; "wave" otherwise.  From the H100 A/B of the two
+// (benchmarks/results/attention-h100-decode-splits2-*.json, docs/kv4.md): "fill" was
+// 1.12-1.23x faster at batch 16 (3 splits instead of 4), at batch 64 x 16k-32k and batch
+// 1 x 32k (head_dim 128), and 0.76-0.94x where it split short contexts (batch 64-256,
+// 1k-4k); head_dim 64 within noise.  VLLM_QOQ_KV4_SPLITS=wave|fill forces one (read once).
+// (A first "fill" took the highest busy fraction up to 64 splits and over-split: 0.37-0.66x.)
+static int split_policy() {  // 0 default, 1 wave, 2 fill
+  static const int p = [] {
     const char* e = std::getenv("VLLM_QOQ_KV4_SPLITS");
-    return e != nullptr && std::string(e) == "fill";
+    if (e == nullptr) return 0;
+    if (std::string(e) == "wave") return 1;
+    if (std::string(e) == "fill") return 2;
+    return 0;
   }();
-  return fill;
+  return p;
 }
 
 int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int head_size,
@@ -705,14 +713,15 @@ int attention_num_splits(int num_seqs, int num_kv_heads, int num_q_heads, int he
   const int64_t ctas = (int64_t)num_seqs * num_kv_heads * ((max_query_len * G + 15) / 16);
   if (ctas <= 0) return 1;
   const int64_t max_splits = std::min<int64_t>(64, std::max(1, (max_seq_len + 127) / 128));  // >= 128 keys
-  int64_t splits = std::min<int64_t>((3LL * num_sms + ctas - 1) / ctas, max_splits);  // ~one wave
-  if (split_policy_fill()) {
+  int64_t splits = std::min<int64_t>((3LL * num_sms + ctas - 1) / ctas, max_splits);  // "wave"
+  const int policy = split_policy();
+  if (policy != 1) {
     const int64_t slots =
         (int64_t)(head_size == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MIN_BLOCKS_128) * num_sms;
     for (int64_t s = 1; s <= max_splits; ++s) {
       const int64_t n = ctas * s;
       if (n >= 0.9 * (double)(((n + slots - 1) / slots) * slots)) {
-        splits = s;
+        if (policy == 2 || s < splits || max_seq_len / s >= 4096) splits = s;
         break;
       }
     }

@@ -63,7 +63,7 @@ at::Tensor& workspace(const at::Device& dev) {
 
 // Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;
 // 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast;
-// 7 = persistent wgmma (w4a8_sm90_persistent.cuh; the default for 16 < M <= 1024, below).
+// 7 = persistent wgmma (w4a8_sm90_persistent.cuh; the default for M >= 128, below).
 // The multicast variant (4) is opt-in until it has passed tests/gpu and been measured on a
 // GPU (it was written after the last device run of this work); flip this once it has.
 constexpr bool kClusterByDefault = false;
@@ -124,14 +124,15 @@ int mmv_max_m(bool g128) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 ? 16 : 0);
 }
-// The persistent wgmma kernel (path 7) serves 16 < M <= VLLM_QOQ_PERSISTENT_MAX_M (default
-// 1024; 0 = never by default) on sm_90a, path 3 the larger M.  H100, both variants, the eight
-// Llama-3-8B/-70B shapes (benchmarks/results/gemm-h100-persistent.md): path 7 was 0-14% faster
-// at M = 256 on all of them and at M = 1024 on most, and 6-20% slower at M >= 4096 (its
-// 128-token tiles against path 3's 192).  Path 7 itself hands a grid that fits one wave back
-// to path 3 (split-K lives there).
-int persistent_max_m() {
-  static const int v = env_int("VLLM_QOQ_PERSISTENT_MAX_M", 1024, 1 << 30);
+// The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 128;
+// 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
+// variants, the eight Llama-3-8B/-70B shapes: with its TMA-store epilogue path 7 was
+// 1.00-1.59x faster than path 3 at every M in {256, 1024, 4096, 16384}
+// (benchmarks/results/gemm-h100-persistent2.md), while at M = 48-64 per-channel path 3's
+// split-K was up to 1.18x faster on the wide shapes (gemm-h100-smallm.json).  M = 65-255 was
+// not measured; 128 is the midpoint.  Path 7 hands a grid that fits one wave to path 3.
+int persistent_min_m() {
+  static const int v = env_int("VLLM_QOQ_PERSISTENT_MIN_M", 128, 1 << 30);
   return v;
 }
 
@@ -151,7 +152,8 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
   if (requested == 5 || requested == 6) requested = 0;
   if (requested == 0) {
     if (a.M > 16 && sm90_ok(device, stream)) {
-      requested = (persistent || a.M <= persistent_max_m()) ? 7 : 2;
+      const int min_m = persistent_min_m();
+      requested = (persistent || (min_m > 0 && a.M >= min_m)) ? 7 : 2;
     } else {
       requested = 1;
     }
