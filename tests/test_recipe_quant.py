@@ -284,7 +284,7 @@ def test_kv4_aware_o_smoothing_minimises_the_runtime_error():
     layer.self_attn.v_proj = torch.nn.Linear(96, 2 * 32, bias=False)
     x_ref = R.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), 32 ** -0.5, 0).reshape(64, -1)
     st = {"attn": [(q, k, v)], "o_x": x_ref, "o_absmax": x_ref.abs().amax(0)}
-    opts = QoQOptions(smooth_alphas=(0.25, 0.5), smooth_betas=(0.5,))
+    opts = QoQOptions(smooth_alphas=(0.25, 0.5), smooth_betas=(0.5,), kv4_aware_smoothing=True)
     w0 = lin.weight.detach().clone()
     grp, y_ref = 2, x_ref @ w0.T
 

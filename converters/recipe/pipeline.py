@@ -63,8 +63,10 @@ class QoQOptions:
     smooth_linear: bool = True  # down_proj
     smooth_o_proj: bool = True  # the paper variant also smooths o_proj's input
     # o_proj's smoothing factor also divides V (v_proj rows), which the KV4 cache quantizes:
-    # score each candidate by o_proj's output error with V KV4-quantized (_smooth_o)
-    kv4_aware_smoothing: bool = True
+    # score each candidate by o_proj's output error with V KV4-quantized (_smooth_o).  Off by
+    # default: on SmolLM2-135M (H100, 40 windows) KV4 perplexity got worse with it — g128
+    # 27.23 vs 27.04, per-channel 29.25 vs 28.86 (benchmarks/results/accuracy.md)
+    kv4_aware_smoothing: bool = False
     smooth_alphas: tuple[float, ...] = DEFAULT_SMOOTH_ALPHAS
     smooth_betas: tuple[float, ...] = DEFAULT_SMOOTH_BETAS
     smooth_tokens: int = 2048  # calibration tokens used by the smoothing search
