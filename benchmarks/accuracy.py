@@ -14,6 +14,8 @@ Configs (each converted once and cached under .cache/accuracy/):
   qoq-*-nosa    ... without SmoothAttention
   qoq-*-search  ... SmoothAttention α searched per KV head (--smooth-attention-search)
   qoq-*-rotv    ... + a per-head Hadamard on v_proj/o_proj (--rotate-v-heads)
+  qoq-*-qprop   ... each layer calibrated on inputs computed with INT8 activations and a
+                KV4 cache, as the runtime computes them (--quantized-propagation)
   qoq-*[-...]-v4o  ... with o_proj smoothing scored with V KV4-quantized
                 (--kv4-aware-smoothing; not the default: it measured worse)
 Default --configs: fp16 rtn-chn rtn-g128 qoq-chn qoq-g128 qoq-chn-nosa qoq-g128-nosa.
@@ -59,6 +61,7 @@ _QOQ_VARIANTS = [
     ("-nosa", ", no SmoothAttention", ["--no-smooth-attention"]),
     ("-search", ", α searched", ["--smooth-attention-search"]),
     ("-rotv", ", V heads rotated", ["--rotate-v-heads"]),
+    ("-qprop", ", quantized propagation", ["--quantized-propagation"]),
 ]
 for _gname, _glabel, _gs in (("chn", "per-channel", "-1"), ("g128", "g128", "128")):
     for _suffix, _label, _flags in _QOQ_VARIANTS:
@@ -211,7 +214,7 @@ def target_lines(rows: list[dict]) -> list[str]:
                              f"{'met' if sa < nosa else 'NOT met'})")
             for var in ("per-channel", "g128"):
                 base = got(f"QoQ W4A8 {var}, KV4")
-                for label in ("α searched", "KV4-aware o_proj smoothing"):
+                for label in ("α searched", "KV4-aware o_proj smoothing", "quantized propagation"):
                     alt = got(f"QoQ W4A8 {var}, {label}, KV4")
                     if None not in (base, alt):
                         items.append(f"variant ({var}, KV4) with {label}: {alt:.2f} vs the default recipe's "

@@ -308,3 +308,67 @@ def test_kv4_aware_o_smoothing_minimises_the_runtime_error():
     if chosen != (0.0, 0.0):
         s = cands[chosen].repeat_interleave(grp, dim=0).reshape(-1)
         torch.testing.assert_close(lin.weight.detach(), w0 * s, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------ quantized propagation (runtime-like inputs)
+def test_runtime_quant_context_quantizes_kv_and_inputs_then_restores():
+    import sys
+
+    from converters.recipe.pipeline import _runtime_quant
+    from vllm_qoq.reference import kv4 as R
+    from vllm_qoq.reference.quantize import dequantize_activation, quantize_activation
+
+    m = _model("llama")
+    layer = T.decoder_layers(m)[0]
+    mod = sys.modules[type(layer.self_attn).__module__]
+    rope = mod.apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 16, 256, generator=g)
+    pos = torch.arange(16).expand(2, 16)
+    kw = {"position_embeddings": m.model.rotary_emb(h, pos)}
+    with torch.no_grad():
+        ref = layer(h, **kw)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        seen = {}
+        with _runtime_quant(layer, 2, 32, True):
+            # registered after the context's own hooks, so it sees what o_proj computes with
+            hk = layer.self_attn.o_proj.register_forward_pre_hook(lambda _, a: seen.__setitem__("o_in", a[0]))
+            q, k = torch.randn(2, 8, 16, 32, generator=g), torch.randn(2, 2, 16, 32, generator=g)
+            cos, sin = kw["position_embeddings"]
+            _, k_q = mod.apply_rotary_pos_emb(q, k, cos, sin)
+            _, k_f = rope(q, k, cos, sin)
+            torch.testing.assert_close(k_q, R.dequantize_kv4(*R.quantize_kv4(k_f)), rtol=0, atol=0)
+            v = layer.self_attn.v_proj(h).view(2, 16, 2, 32)
+            torch.testing.assert_close(v, R.dequantize_kv4(*R.quantize_kv4(v)), rtol=0, atol=1e-6)
+            out = layer(h, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+        hk.remove()
+        # o_proj saw its input after the per-token INT8 round trip (pre-hooks run in order)
+        x = seen["o_in"].reshape(-1, 256)
+        qx, sx, _ = quantize_activation(x)
+        torch.testing.assert_close(x, dequantize_activation(qx, sx), rtol=0, atol=1e-6)
+        assert 0 < float((out - ref).norm() / ref.norm()) < 0.1  # quantized, still the same layer
+        assert mod.apply_rotary_pos_emb is rope  # restored
+        again = layer(h, **kw)
+        again = again[0] if isinstance(again, tuple) else again
+        torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+def test_run_qoq_quantized_propagation_runs_and_is_recorded():
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(4))
+    outs, recs = [], []
+    for qp in (True, False):
+        m = _model("qwen2")
+        with torch.no_grad():
+            ref = m(ids).logits
+        res = run_qoq(m, None, ids, 128, QoQOptions(clip_steps=5, batch_size=2, progress=False, smooth_tokens=128,
+                                                    device="cpu", quantized_propagation=qp))
+        with torch.no_grad():
+            out = m(ids).logits
+        assert float((out - ref).norm() / ref.norm()) < 0.15  # a working 4-bit model either way
+        outs.append(res)
+        recs.append(res.recipe["quantized_propagation"])
+    assert recs == [True, False]
+    # the calibration saw different inputs: GPTQ chose different codes somewhere
+    k1 = "model.layers.1.mlp.down_proj"
+    assert any(not torch.equal(outs[0].quantized[k1][t], outs[1].quantized[k1][t]) for t in outs[0].quantized[k1])

@@ -14,8 +14,10 @@ that the quantized checkpoint represents (rotated, smoothed, fake-quantized).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +69,10 @@ class QoQOptions:
     # default: on SmolLM2-135M (H100, 40 windows) KV4 perplexity got worse with it — g128
     # 27.23 vs 27.04, per-channel 29.25 vs 28.86 (benchmarks/results/accuracy.md)
     kv4_aware_smoothing: bool = False
+    # Feed the next layer (and o_proj/down_proj's Hessians) the outputs the runtime would
+    # compute: per-token INT8 inputs of every linear and KV4 keys (after RoPE) and values in
+    # attention (_runtime_quant).  Off: float activations and KV, GPTQ's sequential scheme.
+    quantized_propagation: bool = False
     smooth_alphas: tuple[float, ...] = DEFAULT_SMOOTH_ALPHAS
     smooth_betas: tuple[float, ...] = DEFAULT_SMOOTH_BETAS
     smooth_tokens: int = 2048  # calibration tokens used by the smoothing search
@@ -228,6 +234,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
         "calib_samples": int(ids.shape[0]),
         "calib_seqlen": int(ids.shape[1]),
         "kv_cache_bits": opts.kv_cache_bits,
+        "quantized_propagation": bool(opts.quantized_propagation),
     }
     result = QuantResult(group_size=group_size, quantized={}, floats={}, recipe=recipe)
 
@@ -303,7 +310,8 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
                 smooth_info["o_proj"] = _smooth_o(layer, st, group_size, opts, nh, nkv, hd)
         st.pop("attn", None)
 
-        hess = _collect_hessians(layer, batches, device)
+        with _runtime_quant(layer, nkv, hd, opts.quantized_propagation):
+            hess = _collect_hessians(layer, batches, device)
         for name, lin in T.layer_linears(layer).items():
             full = prefix + name
             if lin.bias is not None:
@@ -339,7 +347,7 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
         del hess
 
         # outputs of the quantized layer feed the next one
-        with torch.no_grad():
+        with torch.no_grad(), _runtime_quant(layer, nkv, hd, opts.quantized_propagation):
             batches = [(_call_layer(layer, h, kw), kw) for h, kw in batches]
         layer.to(device="cpu", dtype=orig_dtype)
         if device.type == "cuda":
@@ -358,6 +366,51 @@ def run_qoq(model, tokenizer, calib_texts, group_size: int, options: QoQOptions 
 
 
 # ------------------------------------------------------------ calibration passes
+@contextlib.contextmanager
+def _runtime_quant(layer, nkv: int, hd: int, enabled: bool):
+    """Within the block, `layer` computes as the W4A8KV4 runtime does: every linear's input
+    per-token INT8 (fake-quantized with the reference quantizer), values KV4-quantized per
+    token and KV head (v_proj output hook) and keys KV4-quantized after RoPE (the HF
+    modules' `apply_rotary_pos_emb`, patched in the attention class's module for the
+    duration).  The weights are whatever the layer holds (fake-quantized after step 3).
+    """
+    if not enabled:
+        yield
+        return
+    from vllm_qoq.reference.kv4 import dequantize_kv4, quantize_kv4
+
+    def kv4(x):  # [..., D] per row
+        return dequantize_kv4(*quantize_kv4(x)).to(x.dtype)
+
+    def a8(_, args):
+        x = args[0]
+        qx, sx, _ = quantize_activation(x.reshape(-1, x.shape[-1]))
+        return (dequantize_activation(qx, sx).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+
+    def v_hook(_, __, out):
+        return kv4(out.view(*out.shape[:-1], nkv, hd)).view(out.shape)
+
+    a = layer.self_attn
+    mod = sys.modules[type(a).__module__]
+    rope = getattr(mod, "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise ValueError(f"quantized_propagation: {type(a).__name__}'s module has no apply_rotary_pos_emb to patch")
+
+    def rope_kv4(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        return q, kv4(k)
+
+    hooks = [lin.register_forward_pre_hook(a8) for lin in T.layer_linears(layer).values()]
+    hooks.append(a.v_proj.register_forward_hook(v_hook))
+    mod.apply_rotary_pos_emb = rope_kv4
+    try:
+        yield
+    finally:
+        mod.apply_rotary_pos_emb = rope
+        for hk in hooks:
+            hk.remove()
+
+
 def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
     """Post-RoPE q/k abs-max per channel, abs-max and token samples of o_proj/down_proj inputs."""
     a, m = layer.self_attn, layer.mlp
