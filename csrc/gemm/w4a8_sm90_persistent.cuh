@@ -117,11 +117,13 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, int c0, int
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// The issuing thread's stores have finished READING their shared-memory source.
-__device__ __forceinline__ void bulk_wait_read_all() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+// The issuing thread's stores have finished READING their shared-memory source, all but
+// the N most recent bulk async-groups.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
 }
-// ... and are complete (written to global memory).
+// All of the issuing thread's stores are complete (written to global memory).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 // Named barrier 2 + cw over consumer warpgroup cw's 128 threads (immediate ids: a register
 // id makes ptxas reserve all 16 barriers).
@@ -159,7 +161,9 @@ __device__ __forceinline__ void warpgroup_bar(int cw) {
 // done, a whole main loop has passed) and the warpgroup barrier that follows.
 // Per-channel values (scales, szeros, bias) are loaded once per tile into registers,
 // per-token values (sx, qsum) once per v (tokens 2t, 2t+1: one 8-byte load each in full tiles).
-template <class C, bool G128, typename T>
+// PENDING: how many of ltid 0's most recent stores may still be reading when this one's
+// buffer is written (0 here; the ping-pong kernel stages a tile's two halves in two buffers).
+template <class C, bool G128, typename T, int PENDING = 0>
 __device__ __forceinline__ void epilogue_smem(const W4A8Args& a, const CUtensorMap* omap, bool tma_out,
                                               const int32_t (&acc)[C::BMT / 2], uint8_t* obuf, int m0,
                                               int nbase, int cw, int ltid) {
@@ -178,7 +182,7 @@ __device__ __forceinline__ void epilogue_smem(const W4A8Args& a, const CUtensorM
   const int mi = lane >> 3, r = lane & 7;  // stmatrix: this lane addresses row r of matrix mi
   uint8_t* row = obuf + (8 * (mi >> 1) + r) * 128 + (((2 * warp + (mi & 1)) ^ r) << 4);
 
-  if (ltid == 0) bulk_wait_read_all();  // the previous tile's store has read the buffer
+  if (ltid == 0) bulk_wait_read<PENDING>();  // the buffer's previous store has read it
   warpgroup_bar(cw);
   // Token values without branches inside the unrolled loop (so that ptxas can issue the loads
   // early): FULL tiles (all BMT rows < M, 8-byte aligned sx/qsum) load tokens m, m + 1 as one
@@ -250,6 +254,58 @@ __device__ __forceinline__ void epilogue_smem(const W4A8Args& a, const CUtensorM
 }
 #endif  // QOQ_HAS_WGMMA
 
+#if QOQ_HAS_WGMMA
+// The TMA producer (one thread): every stage use of this CTA's tiles, in order, through the
+// `full`/`empty` ring (see the top).  Shared by the cooperative kernel below and the
+// ping-pong kernel (w4a8_sm90_pingpong.cuh): both consume the uses in this order.
+template <class C, bool G128>
+__device__ __forceinline__ void produce_tiles(const W4A8Args& a, const CUtensorMap& xmap, uint8_t* smem,
+                                              uint64_t* full, uint64_t* empty, int tiles, int tn, int tm,
+                                              int nk, int group_m) {
+  constexpr int BMT = C::BMT, STAGES = C::STAGES;
+  const int kblocks = a.K / 32;
+  int s = 0;           // stage of the next use
+  uint32_t ph = 0;     // pass over the ring of the next use (its parity)
+  bool wrapped = false;  // a stage is reused only after the first pass
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int mt, nt;
+    tile_mn(tile, tn, tm, group_m, mt, nt);
+    const int n0 = nt * C::BN, m0 = mt * BMT;
+    int nvalid = 0;  // n32 blocks inside Np
+#pragma unroll
+    for (int nc = 0; nc < C::BN / 32; ++nc) nvalid += (n0 + nc * 32 < a.Np) ? 1 : 0;
+    const int sbytes = (G128 && n0 < a.Np) ? 2 * min(C::BN, a.Np - n0) : 0;
+    for (int kt = 0; kt < nk; ++kt) {
+      // use q waits for the consumers' release of use q - STAGES (the previous pass)
+      if (wrapped) mbar_wait(&empty[s], ph ^ 1);
+      uint8_t* st = smem + s * C::STAGE_BYTES;
+      uint8_t* sw = st + C::X_BYTES;
+      const int kc0 = kt * (C::BK / 32);
+      const int kvalid = min(C::BK / 32, kblocks - kc0);  // k32 blocks inside K
+      mbar_expect_tx(&full[s], C::X_BYTES + nvalid * kvalid * 512 + sbytes);
+      tma_load_2d(st, &xmap, kt * C::BK, m0, &full[s]);
+#pragma unroll
+      for (int nc = 0; nc < C::BN / 32; ++nc) {
+        if (nc < nvalid) {
+          const uint8_t* src = a.qweight + (static_cast<int64_t>(n0 / 32 + nc) * kblocks + kc0) * 512;
+          bulk_load(sw + nc * (C::BK / 32) * 512, src, kvalid * 512, &full[s]);
+        }
+      }
+      if (G128 && sbytes > 0) {
+        const int64_t off = static_cast<int64_t>(kt) * a.Np + n0;
+        bulk_load(sw + C::W_BYTES, a.s2 + off, sbytes / 2, &full[s]);
+        bulk_load(sw + C::W_BYTES + C::BN, a.zneg + off, sbytes / 2, &full[s]);
+      }
+      if (++s == STAGES) {
+        s = 0;
+        ph ^= 1;
+        wrapped = true;
+      }
+    }
+  }
+}
+#endif  // QOQ_HAS_WGMMA
+
 template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
 __global__ void __launch_bounds__(C::THREADS, 1)
     w4a8_sm90p_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap,
@@ -281,48 +337,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
     // ------------------------------------------------------------------ producer
     // (the whole warpgroup: setmaxnreg is .sync.aligned per warpgroup)
     if constexpr (C::WIDE) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (ltid == 0) {
-      const int kblocks = a.K / 32;
-      int s = 0;           // stage of the next use
-      uint32_t ph = 0;     // pass over the ring of the next use (its parity)
-      bool wrapped = false;  // a stage is reused only after the first pass
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int mt, nt;
-        tile_mn(tile, tn, tm, group_m, mt, nt);
-        const int n0 = nt * C::BN, m0 = mt * BMT;
-        int nvalid = 0;  // n32 blocks inside Np
-#pragma unroll
-        for (int nc = 0; nc < C::BN / 32; ++nc) nvalid += (n0 + nc * 32 < a.Np) ? 1 : 0;
-        const int sbytes = (G128 && n0 < a.Np) ? 2 * min(C::BN, a.Np - n0) : 0;
-        for (int kt = 0; kt < nk; ++kt) {
-          // use q waits for the consumers' release of use q - STAGES (the previous pass)
-          if (wrapped) mbar_wait(&empty[s], ph ^ 1);
-          uint8_t* st = smem + s * C::STAGE_BYTES;
-          uint8_t* sw = st + C::X_BYTES;
-          const int kc0 = kt * (C::BK / 32);
-          const int kvalid = min(C::BK / 32, kblocks - kc0);  // k32 blocks inside K
-          mbar_expect_tx(&full[s], C::X_BYTES + nvalid * kvalid * 512 + sbytes);
-          tma_load_2d(st, &xmap, kt * C::BK, m0, &full[s]);
-#pragma unroll
-          for (int nc = 0; nc < C::BN / 32; ++nc) {
-            if (nc < nvalid) {
-              const uint8_t* src = a.qweight + (static_cast<int64_t>(n0 / 32 + nc) * kblocks + kc0) * 512;
-              bulk_load(sw + nc * (C::BK / 32) * 512, src, kvalid * 512, &full[s]);
-            }
-          }
-          if (G128 && sbytes > 0) {
-            const int64_t off = static_cast<int64_t>(kt) * a.Np + n0;
-            bulk_load(sw + C::W_BYTES, a.s2 + off, sbytes / 2, &full[s]);
-            bulk_load(sw + C::W_BYTES + C::BN, a.zneg + off, sbytes / 2, &full[s]);
-          }
-          if (++s == STAGES) {
-            s = 0;
-            ph ^= 1;
-            wrapped = true;
-          }
-        }
-      }
-    }
+    if (ltid == 0) produce_tiles<C, G128>(a, xmap, smem, full, empty, tiles, tn, tm, nk, group_m);
     return;
   }
 

@@ -1,7 +1,8 @@
-// Instantiations of the persistent Hopper wgmma W4A8 GEMM (g128, path 7); the kernel is
-// described in w4a8_sm90_persistent.cuh.  Compiled for every arch; the kernel bodies exist
-// only for sm_90a.
-#include "gemm/w4a8_sm90_persistent.cuh"
+// Instantiations of the persistent Hopper wgmma W4A8 GEMM (g128, path 7); the kernels are
+// described in w4a8_sm90_persistent.cuh (cooperative schedule, the default) and
+// w4a8_sm90_pingpong.cuh (VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong).  Compiled for every arch;
+// the kernel bodies exist only for sm_90a.
+#include "gemm/w4a8_sm90_pingpong.cuh"
 
 namespace qoq {
 
@@ -10,9 +11,9 @@ namespace qoq {
 void w4a8_gemm_sm90p_g128(const W4A8Args& a, OutKind out, int max_ctas, cudaStream_t stream) {
   bool done = false;
   switch (out) {
-    case OutKind::F16: done = sm90::dispatch_persistent<true, OutKind::F16>(a, max_ctas, stream); break;
-    case OutKind::BF16: done = sm90::dispatch_persistent<true, OutKind::BF16>(a, max_ctas, stream); break;
-    case OutKind::I32: done = sm90::dispatch_persistent<true, OutKind::I32>(a, max_ctas, stream); break;
+    case OutKind::F16: done = sm90::dispatch_p7<true, OutKind::F16>(a, max_ctas, stream); break;
+    case OutKind::BF16: done = sm90::dispatch_p7<true, OutKind::BF16>(a, max_ctas, stream); break;
+    case OutKind::I32: done = sm90::dispatch_p7<true, OutKind::I32>(a, max_ctas, stream); break;
   }
   if (!done) w4a8_gemm_sm90_g128(a, out, /*cluster=*/false, stream);
 }

@@ -9,7 +9,9 @@
   shape runs many tiles per CTA through one continuing mbarrier ring.
 * Path 7's float outputs (qoq_debug::w4a8_gemm: the real ops' computation through one
   forced path) are bit-identical to path 3's (same fp32 epilogue formula and order), with
-  the default shared-memory/TMA-store epilogue and with VLLM_QOQ_GEMM_EPILOGUE=regs.
+  the default shared-memory/TMA-store epilogue and with VLLM_QOQ_GEMM_EPILOGUE=regs; all
+  path-7 tests run again under the ping-pong schedule (VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong,
+  a subprocess).
 * GEMM outputs (fp16/bf16, with and without bias): within fp tolerance of the reference
   ops (reference/gemm.py) run on the natural layout.
 * Split-K workspace is self-cleaning (repeated calls agree) and the ops replay in a CUDA graph.
@@ -386,6 +388,51 @@ def test_persistent_regs_epilogue_bit_identical_to_path3():
     r = subprocess.run([sys.executable, "-c", _REGS_EPILOGUE_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("max_ctas", [1, 3])
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("m,n,k", [(1000, 200, 384), (300, 130, 256), (64, 520, 640), (4097, 33, 256)])
+def test_persistent_int32_exact_one_and_three_ctas(m, n, k, gs, max_ctas):
+    """Path 7 forced onto 1 and 3 CTAs: every CTA runs many tiles, an odd or even number of
+    them (under VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong: the two consumer warpgroups alternate
+    tiles, the last one may have none; one CTA = one strict alternation over all tiles)."""
+    if gs == 128 and k % 128:
+        pytest.skip("g128 needs K % 128 == 0")
+    _need_path(7)
+    acc, want = _acc_case(m, n, k, gs, seed=5 * m + n + k + max_ctas, path=7, max_ctas=max_ctas)
+    assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
+    q = _weights(n, k, gs, m + n)
+    kt = kl.to_kernel_layout(q, gs)
+    x = _x(m, k, torch.bfloat16, m + n + 1)
+    b = (torch.randn(n, device=DEV, generator=_gen(m + n + 2)) * 4).to(torch.bfloat16)
+    y3 = _gemm_path(q, kt, x, b, gs, torch.bfloat16, 3)
+    y7 = _gemm_path(q, kt, x, b, gs, torch.bfloat16, 7, max_ctas)
+    assert torch.equal(y7, y3), f"{int((y7 != y3).sum())} of {y3.numel()} differ from path 3"
+
+
+# Every path-7 test of this file (names containing "persistent", bar the subprocess ones),
+# plus path 7's column of the int32 sweep.
+_PINGPONG_K = "(persistent or (int32_accumulators_exact and 7]) or (g128_extreme_codes and 7])) " \
+              "and not pingpong and not regs_epilogue"
+
+
+def test_persistent_pingpong_schedule_runs_every_path7_test():
+    """The ping-pong consumer schedule (VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong, read once per
+    process: a subprocess running this file's path-7 tests -- int32 exactness on 1-7 CTAs
+    and the full grid, outputs bit-identical to path 3 incl. N % 8 != 0, partial tiles,
+    unaligned token scales, CUDA-graph replay).  A deadlock in its ordering barriers shows
+    up as the timeout."""
+    _need_path(7)
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLLM_QOQ_GEMM_P7_SCHEDULE="pingpong")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", _PINGPONG_K], env=env, capture_output=True, text=True, timeout=540)
+    tail = r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and " passed" in r.stdout and " failed" not in r.stdout, tail
 
 
 @pytest.mark.parametrize("path", [5, 6])
