@@ -42,6 +42,9 @@
 //
 // Token tiles of 64 (M <= 64), 128 or 192 (path 3's pick_bmt; 192 with a 384-thread CTA and
 // setmaxnreg, see dispatch_persistent).
+// This is the "cooperative" schedule (both consumer warpgroups on one tile); the opt-in
+// "ping-pong" one (warpgroups on alternate tiles, VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong) is in
+// w4a8_sm90_pingpong.cuh and shares the producer (produce_tiles) and epilogue_smem.
 // Falls back to path 3 (the caller runs it, incl. its split-K) when the tiles fit in
 // one wave (#tiles <= #SMs x CTAs per SM: persistence gains nothing there) or K == 0; the
 // debug op can force the persistent kernel with a small grid (max_ctas) to test the
