@@ -63,7 +63,7 @@ at::Tensor& workspace(const at::Device& dev) {
 
 // Kernel paths: 1 = mma.sync kernels; 2 = wgmma kernels as configured by default;
 // 3 = wgmma without CTA clusters; 4 = wgmma with CTA pairs sharing X by TMA multicast;
-// 7 = persistent wgmma (w4a8_sm90_persistent.cuh; the default for M >= 128, below).
+// 7 = persistent wgmma (w4a8_sm90_persistent.cuh; the default for M >= 96, below).
 // The multicast variant (4) is opt-in until it has passed tests/gpu and been measured on a
 // GPU (it was written after the last device run of this work); flip this once it has.
 constexpr bool kClusterByDefault = false;
@@ -124,15 +124,16 @@ int mmv_max_m(bool g128) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 ? 16 : 0);
 }
-// The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 128;
+// The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
 // 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
 // variants, the eight Llama-3-8B/-70B shapes: with its TMA-store epilogue path 7 was
 // 1.00-1.59x faster than path 3 at every M in {256, 1024, 4096, 16384}
-// (benchmarks/results/gemm-h100-persistent2.md), while at M = 48-64 per-channel path 3's
-// split-K was up to 1.18x faster on the wide shapes (gemm-h100-smallm.json).  M = 65-255 was
-// not measured; 128 is the midpoint.  Path 7 hands a grid that fits one wave to path 3.
+// (benchmarks/results/gemm-h100-persistent2.md); at M = 96-192 it was 1.09-1.23x faster on
+// the widest shapes and within +-5% elsewhere, at M = 64 per-channel path 3's split-K was
+// 1.16-1.19x faster on the widest shapes (gemm-h100-crossover.md).  Path 7 hands a grid
+// that fits one wave to path 3.
 int persistent_min_m() {
-  static const int v = env_int("VLLM_QOQ_PERSISTENT_MIN_M", 128, 1 << 30);
+  static const int v = env_int("VLLM_QOQ_PERSISTENT_MIN_M", 96, 1 << 30);
   return v;
 }
 
