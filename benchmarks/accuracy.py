@@ -14,10 +14,10 @@ Configs (each converted once and cached under .cache/accuracy/):
   qoq-*-nosa    ... without SmoothAttention
   qoq-*-search  ... SmoothAttention α searched per KV head (--smooth-attention-search)
   qoq-*-rotv    ... + a per-head Hadamard on v_proj/o_proj (--rotate-v-heads)
-  qoq-*-qprop   ... each layer calibrated on inputs computed with INT8 activations and a
-                KV4 cache, as the runtime computes them (--quantized-propagation)
   qoq-*[-...]-v4o  ... with o_proj smoothing scored with V KV4-quantized
                 (--kv4-aware-smoothing; not the default: it measured worse)
+  qoq-*[-...]-fprop  ... each layer calibrated on float activations and KV
+                (--float-propagation; the recipe before 2026-11-22)
 Default --configs: fp16 rtn-chn rtn-g128 qoq-chn qoq-g128 qoq-chn-nosa qoq-g128-nosa.
 Each quantized config is measured with KV16 and, with --kv-bits 4, KV4 (the same
 weights; only config.json's kv_cache_bits differs).  Runtimes:
@@ -54,23 +54,25 @@ CONFIGS = {
     "rtn-chn": ("RTN W4A8 per-channel", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "-1"]),
     "rtn-g128": ("RTN W4A8 g128", ["-m", "converters.quantize", "--recipe", "rtn", "--group-size", "128"]),
 }
-# QoQ: the default recipe and its variants; "-v4o" = o_proj smoothing scored with V
-# KV4-quantized (--kv4-aware-smoothing; tried 2026-11-22, not the default).
+# QoQ: the default recipe and its variants.  "-v4o": o_proj smoothing scored with V
+# KV4-quantized (--kv4-aware-smoothing); "-fprop": each layer calibrated on float
+# activations/KV (--float-propagation; the recipe before 2026-11-22).
 _QOQ_VARIANTS = [
     ("", "", []),
     ("-nosa", ", no SmoothAttention", ["--no-smooth-attention"]),
     ("-search", ", α searched", ["--smooth-attention-search"]),
     ("-rotv", ", V heads rotated", ["--rotate-v-heads"]),
-    ("-qprop", ", quantized propagation", ["--quantized-propagation"]),
 ]
 for _gname, _glabel, _gs in (("chn", "per-channel", "-1"), ("g128", "g128", "128")):
     for _suffix, _label, _flags in _QOQ_VARIANTS:
         for _v4o in (False, True):
-            CONFIGS[f"qoq-{_gname}{_suffix}" + ("-v4o" if _v4o else "")] = (
-                f"QoQ W4A8 {_glabel}{_label}" + (", KV4-aware o_proj smoothing" if _v4o else ""),
-                ["-m", "converters.recipe.cli", "--group-size", _gs, *_flags]
-                + (["--kv4-aware-smoothing"] if _v4o else []),
-            )
+            for _fprop in (False, True):
+                CONFIGS[f"qoq-{_gname}{_suffix}" + ("-v4o" if _v4o else "") + ("-fprop" if _fprop else "")] = (
+                    f"QoQ W4A8 {_glabel}{_label}" + (", KV4-aware o_proj smoothing" if _v4o else "")
+                    + (", float propagation" if _fprop else ""),
+                    ["-m", "converters.recipe.cli", "--group-size", _gs, *_flags]
+                    + (["--kv4-aware-smoothing"] if _v4o else []) + (["--float-propagation"] if _fprop else []),
+                )
 MAIN_CONFIGS = ["fp16", "rtn-chn", "rtn-g128", "qoq-chn", "qoq-g128", "qoq-chn-nosa", "qoq-g128-nosa"]
 
 
@@ -144,7 +146,7 @@ def with_kv_bits(ckpt: Path, bits: int) -> Path:
 
 def measure_all(ckpts: list[Path], runtime: str, args) -> dict[str, dict]:
     """Perplexity of every checkpoint, one process per runtime (model -> result)."""
-    res_file = ROOT / ".cache" / "accuracy" / f"last_ppl_{runtime}.json"
+    res_file = ROOT / ".cache" / "accuracy" / f"last_ppl_{runtime}_{os.getpid()}.json"  # parallel runs
     cmd = [sys.executable, "-m", "converters.ppl", "--model", *map(str, ckpts), "--runtime", runtime,
            "--dataset", args.dataset, "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
            "--device", args.device, "--out", str(res_file)]
@@ -152,7 +154,7 @@ def measure_all(ckpts: list[Path], runtime: str, args) -> dict[str, dict]:
         cmd.append("--enforce-eager")
     print("+", " ".join(cmd), flush=True)
     res_file.unlink(missing_ok=True)
-    log = ROOT / ".cache" / "accuracy" / f"ppl_{runtime}.log"
+    log = ROOT / ".cache" / "accuracy" / f"ppl_{runtime}_{os.getpid()}.log"
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
     got = json.loads(res_file.read_text()) if res_file.is_file() else []
@@ -173,9 +175,11 @@ NOTES = [
     "PyTorch with dequantized weights + reference per-token INT8 activations (KV cache unquantized).",
     "QoQ calibration on CPU: 32 x 512 tokens of the SOTU 1934-2000 text, 20 clip steps (the paper: "
     "128 x 1024, 80 steps; use those on a GPU).",
-    "The GPU run of 2026-11-22 00:0x naming qoq-g128 measured qoq-g128-search (the α search was the default "
-    "for that hour), and the runs of 00:3x naming qoq-g128 / qoq-chn measured qoq-g128-v4o / qoq-chn-v4o "
-    "(likewise); their rows carry the variant's label.",
+    "Configs were renamed as the default recipe changed on 2026-11-22; each row carries the label of what "
+    "it measured: runs dated 2026-11-21 and the 2026-11-22 GPU runs before 00:55 used float propagation "
+    "('float propagation' rows; the 00:0x run naming qoq-g128 measured qoq-g128-search-fprop, the 00:3x runs "
+    "naming qoq-g128 / qoq-chn measured qoq-*-v4o-fprop), and the runs naming qoq-*-qprop measured today's "
+    "default recipe (quantized propagation).",
     "runtime gpu/vllm = vLLM 0.26 on an H100 with the plugin's CUDA kernels (W4A8 GEMMs; KV4 rows use "
     "the KV4 backend: fused decode, gather + FlashAttention prefill); QoQ calibrated on the GPU with "
     "128 x 1024 tokens and 80 clip steps; 40 windows.",
@@ -214,7 +218,8 @@ def target_lines(rows: list[dict]) -> list[str]:
                              f"{'met' if sa < nosa else 'NOT met'})")
             for var in ("per-channel", "g128"):
                 base = got(f"QoQ W4A8 {var}, KV4")
-                for label in ("α searched", "KV4-aware o_proj smoothing", "quantized propagation"):
+                for label in ("float propagation", "α searched, float propagation",
+                              "KV4-aware o_proj smoothing, float propagation"):
                     alt = got(f"QoQ W4A8 {var}, {label}, KV4")
                     if None not in (base, alt):
                         items.append(f"variant ({var}, KV4) with {label}: {alt:.2f} vs the default recipe's "

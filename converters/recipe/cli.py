@@ -38,9 +38,9 @@ _EXTRA = [
                                          help="SmoothAttention exponent: λ = max|K|^α (default 0.5, the paper's)")),
     (("--smooth-attention-search",), dict(action="store_true",
                                           help="pick α per KV head by the KV4 attention error on calibration text")),
-    (("--quantized-propagation",), dict(action="store_true",
-                                        help="calibrate each layer on inputs computed with INT8 activations and a KV4 "
-                                             "cache (as the runtime computes them) instead of float ones")),
+    (("--float-propagation",), dict(action="store_true",
+                                    help="calibrate each layer on float activations and KV (GPTQ's sequential scheme) "
+                                         "instead of INT8 activations and a KV4 cache as the runtime computes them")),
     (("--kv4-aware-smoothing",), dict(action="store_true",
                                       help="score o_proj smoothing with V KV4-quantized (o_proj's factor divides V)")),
     (("--smooth-tokens",), dict(type=int, default=2048, help="tokens used by the smoothing search")),
@@ -69,7 +69,7 @@ def options_from_args(args) -> QoQOptions:
         smooth_attention_alpha=g("smooth_attention_alpha", 0.5),
         smooth_attention_search=g("smooth_attention_search", False),
         kv4_aware_smoothing=g("kv4_aware_smoothing", False),
-        quantized_propagation=g("quantized_propagation", False),
+        quantized_propagation=not g("float_propagation", False),
         smooth_linear=not g("no_smooth_linear", False),
         smooth_o_proj=not g("no_smooth_o_proj", False),
         smooth_tokens=g("smooth_tokens", 2048),

@@ -69,10 +69,13 @@ class QoQOptions:
     # default: on SmolLM2-135M (H100, 40 windows) KV4 perplexity got worse with it — g128
     # 27.23 vs 27.04, per-channel 29.25 vs 28.86 (benchmarks/results/accuracy.md)
     kv4_aware_smoothing: bool = False
-    # Feed the next layer (and o_proj/down_proj's Hessians) the outputs the runtime would
-    # compute: per-token INT8 inputs of every linear and KV4 keys (after RoPE) and values in
-    # attention (_runtime_quant).  Off: float activations and KV, GPTQ's sequential scheme.
-    quantized_propagation: bool = False
+    # Calibrate each layer (its Hessians, and the outputs that feed the next layer) on what
+    # the W4A8KV4 runtime computes: per-token INT8 inputs of every linear, KV4 keys (after
+    # RoPE) and values in attention (_runtime_quant).  Off: float activations and KV
+    # (GPTQ's sequential scheme as published).  On by default: on SmolLM2-135M (H100, 40
+    # windows) g128 went 24.61 -> 24.45 (KV16) and 27.04 -> 26.89 (KV4), per-channel
+    # 25.96 -> 25.88 and 28.86 -> 28.88 (benchmarks/results/accuracy.md).
+    quantized_propagation: bool = True
     smooth_alphas: tuple[float, ...] = DEFAULT_SMOOTH_ALPHAS
     smooth_betas: tuple[float, ...] = DEFAULT_SMOOTH_BETAS
     smooth_tokens: int = 2048  # calibration tokens used by the smoothing search
