@@ -200,6 +200,74 @@ struct Cfg {
   static_assert(STAGES >= 3, "pipeline depth");
 };
 
+#if QOQ_HAS_WGMMA
+// ---- a consumer warpgroup's work on one stage, shared by path 3 and path 7 (cooperative and
+// ping-pong): every config is a Cfg<BMT> (the same stage layout).
+
+// The dequantized A fragments (weights, wgmma register layout) of n32 block nb, row half
+// sh = warp % 2, four k32 steps, lane (g, t), of the stage whose weight bytes start at
+// base + WOFF.  Path 3 passes the stage (WOFF = X_BYTES), the ping-pong kernel the weights
+// (WOFF = 0): the two forms only keep each kernel's machine code what it was when this was
+// written out in it (checked on the SASS; the other form moves an address add, and nvcc 13.0
+// changed the cooperative path-7 kernel's code either way, so that one keeps its own copy).
+template <class C, bool G128, int WOFF>
+__device__ __forceinline__ void load_a_frags(const uint8_t* base, int nb, int sh, int g, int lane,
+                                             uint32_t (&f)[4][4]) {
+  const uint8_t* sw = base + WOFF;
+  uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
+  if constexpr (G128) {
+    const uint32_t s2w = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + nb * 32 + g * 4);
+    const uint32_t zw = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + C::BN + nb * 32 + g * 4);
+    s2a = (s2w >> (16 * sh)) & 0xffu;
+    s2b = (s2w >> (16 * sh + 8)) & 0xffu;
+    za = dev::splat_byte(zw, 2 * sh);
+    zb = dev::splat_byte(zw, 2 * sh + 1);
+  }
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint2 w = *reinterpret_cast<const uint2*>(sw + ((nb * 4 + ks) * 32 + lane) * 16 + 8 * sh);
+    uint32_t a0 = dev::lo_nibbles(w.x), a2 = dev::hi_nibbles(w.x);
+    uint32_t a1 = dev::lo_nibbles(w.y), a3 = dev::hi_nibbles(w.y);
+    if constexpr (G128) {
+      a0 = dev::dequant_g128(a0, s2a, za);
+      a2 = dev::dequant_g128(a2, s2a, za);
+      a1 = dev::dequant_g128(a1, s2b, zb);
+      a3 = dev::dequant_g128(a3, s2b, zb);
+    }
+    f[ks][0] = a0;
+    f[ks][1] = a1;
+    f[ks][2] = a2;
+    f[ks][3] = a3;
+  }
+}
+
+// The stage's four wgmmas into acc (A = f, B = the X tile at st) as one commit group.
+template <int BMT>
+__device__ __forceinline__ void issue_stage_wgmmas(int32_t (&acc)[BMT / 2], const uint32_t (&f)[4][4],
+                                                   const uint8_t* st) {
+  wgmma_fence();
+  fence_regs(acc);
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) wgmma_rs<BMT>(acc, f[ks], sw128_desc(st + ks * 32));
+  wgmma_commit();
+  fence_regs(acc);
+}
+
+// One stage of a cooperative consumer warpgroup (the caller has waited for it to be full and
+// releases the previous one after): dequantize into f, issue, then wait for the previous
+// stage's group, whose fragments fprev were live until its wgmmas finished.
+template <class C, bool G128>
+__device__ __forceinline__ void mma_stage(const uint8_t* st, int nb, int sh, int g, int lane,
+                                          int32_t (&acc)[C::BMT / 2], uint32_t (&f)[4][4],
+                                          uint32_t (&fprev)[4][4]) {
+  load_a_frags<C, G128, C::X_BYTES>(st, nb, sh, g, lane, f);
+  issue_stage_wgmmas<C::BMT>(acc, f, st);
+  wgmma_wait<1>();
+  fence_regs(acc);
+  fence_frag(fprev);
+}
+#endif  // QOQ_HAS_WGMMA
+
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
 __global__ void __launch_bounds__(288, 1)
     w4a8_sm90_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int k_tiles_per_split) {
@@ -300,42 +368,7 @@ __global__ void __launch_bounds__(288, 1)
     } else {
       mbar_wait(&full[s], (it / STAGES) & 1);
     }
-    const uint8_t* st = smem + s * C::STAGE_BYTES;
-    const uint8_t* sw = st + C::X_BYTES;
-    uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
-    if constexpr (G128) {
-      const uint32_t s2w = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + nb * 32 + g * 4);
-      const uint32_t zw = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + C::BN + nb * 32 + g * 4);
-      s2a = (s2w >> (16 * sh)) & 0xffu;
-      s2b = (s2w >> (16 * sh + 8)) & 0xffu;
-      za = dev::splat_byte(zw, 2 * sh);
-      zb = dev::splat_byte(zw, 2 * sh + 1);
-    }
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint2 w = *reinterpret_cast<const uint2*>(sw + ((nb * 4 + ks) * 32 + lane) * 16 + 8 * sh);
-      uint32_t a0 = dev::lo_nibbles(w.x), a2 = dev::hi_nibbles(w.x);
-      uint32_t a1 = dev::lo_nibbles(w.y), a3 = dev::hi_nibbles(w.y);
-      if constexpr (G128) {
-        a0 = dev::dequant_g128(a0, s2a, za);
-        a2 = dev::dequant_g128(a2, s2a, za);
-        a1 = dev::dequant_g128(a1, s2b, zb);
-        a3 = dev::dequant_g128(a3, s2b, zb);
-      }
-      f[ks][0] = a0;
-      f[ks][1] = a1;
-      f[ks][2] = a2;
-      f[ks][3] = a3;
-    }
-    wgmma_fence();
-    fence_regs(acc);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_rs<BMT>(acc, f[ks], sw128_desc(st + ks * 32));
-    wgmma_commit();
-    fence_regs(acc);
-    wgmma_wait<1>();
-    fence_regs(acc);
-    fence_frag(fprev);  // the previous stage's fragments were live until its wgmmas finished
+    mma_stage<C, G128>(smem + s * C::STAGE_BYTES, nb, sh, g, lane, acc, f, fprev);
     if (it > 0) {
       if constexpr (CLUSTER) {
         if (lane == 0) {

@@ -359,6 +359,8 @@ __global__ void __launch_bounds__(C::THREADS, 1)
     mbar_wait(&full[s], (q / STAGES) & 1);
     const uint8_t* st = smem + s * C::STAGE_BYTES;
     const uint8_t* sw = st + C::X_BYTES;
+    // (load_a_frags's code written out: through it, nvcc 13.0 moves an address add of
+    // this kernel's main loop, in either of its forms -- see there)
     uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
     if constexpr (G128) {
       const uint32_t s2w = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + nb * 32 + g * 4);
@@ -384,12 +386,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
       f[ks][2] = a2;
       f[ks][3] = a3;
     }
-    wgmma_fence();
-    fence_regs(acc);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_rs<BMT>(acc, f[ks], sw128_desc(st + ks * 32));
-    wgmma_commit();
-    fence_regs(acc);
+    issue_stage_wgmmas<BMT>(acc, f, st);
     wgmma_wait<1>();
     fence_regs(acc);
     fence_frag(fprev);  // the previous stage's fragments were live until its wgmmas finished

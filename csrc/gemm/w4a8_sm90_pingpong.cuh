@@ -164,32 +164,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
   // Dequantize channel half h's A fragments of the stage at sw (n32 block nb = 2h + warp/2:
   // the rows warpgroup h held in the cooperative kernel).
   auto load_frag = [&](const uint8_t* sw, int h, uint32_t(&f)[4][4]) {
-    const int nb = 2 * h + warp / 2;
-    uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
-    if constexpr (G128) {
-      const uint32_t s2w = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + nb * 32 + g * 4);
-      const uint32_t zw = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + C::BN + nb * 32 + g * 4);
-      s2a = (s2w >> (16 * sh)) & 0xffu;
-      s2b = (s2w >> (16 * sh + 8)) & 0xffu;
-      za = dev::splat_byte(zw, 2 * sh);
-      zb = dev::splat_byte(zw, 2 * sh + 1);
-    }
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint2 w = *reinterpret_cast<const uint2*>(sw + ((nb * 4 + ks) * 32 + lane) * 16 + 8 * sh);
-      uint32_t a0 = dev::lo_nibbles(w.x), a2 = dev::hi_nibbles(w.x);
-      uint32_t a1 = dev::lo_nibbles(w.y), a3 = dev::hi_nibbles(w.y);
-      if constexpr (G128) {
-        a0 = dev::dequant_g128(a0, s2a, za);
-        a2 = dev::dequant_g128(a2, s2a, za);
-        a1 = dev::dequant_g128(a1, s2b, zb);
-        a3 = dev::dequant_g128(a3, s2b, zb);
-      }
-      f[ks][0] = a0;
-      f[ks][1] = a1;
-      f[ks][2] = a2;
-      f[ks][3] = a3;
-    }
+    load_a_frags<C, G128, 0>(sw, 2 * h + warp / 2, sh, g, lane, f);
   };
 
   // One stage use q: the two channel halves as two wgmma groups (see the top); `release` =
@@ -200,24 +175,14 @@ __global__ void __launch_bounds__(C::THREADS, 1)
     const uint8_t* st = smem + s * C::STAGE_BYTES;
     const uint8_t* sw = st + C::X_BYTES;
     load_frag(sw, 0, fa);
-    wgmma_fence();
-    fence_regs(acc0);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_rs<BMT>(acc0, fa[ks], sw128_desc(st + ks * 32));
-    wgmma_commit();
-    fence_regs(acc0);
+    issue_stage_wgmmas<BMT>(acc0, fa, st);
     wgmma_wait<1>();  // h1 of use q - 1 done: fb free, use q - 1 no longer read
     fence_regs(acc0);
     fence_regs(acc1);
     fence_frag(fb);
     if (release) mbar_arrive(&empty[(q - 1) % STAGES]);
     load_frag(sw, 1, fb);
-    wgmma_fence();
-    fence_regs(acc1);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_rs<BMT>(acc1, fb[ks], sw128_desc(st + ks * 32));
-    wgmma_commit();
-    fence_regs(acc1);
+    issue_stage_wgmmas<BMT>(acc1, fb, st);
     wgmma_wait<1>();  // h0 of use q done: fa free
     fence_regs(acc0);
     fence_regs(acc1);
