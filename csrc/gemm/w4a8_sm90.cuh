@@ -206,10 +206,10 @@ struct Cfg {
 
 // The dequantized A fragments (weights, wgmma register layout) of n32 block nb, row half
 // sh = warp % 2, four k32 steps, lane (g, t), of the stage whose weight bytes start at
-// base + WOFF.  Path 3 passes the stage (WOFF = X_BYTES), the ping-pong kernel the weights
-// (WOFF = 0): the two forms only keep each kernel's machine code what it was when this was
-// written out in it (checked on the SASS; the other form moves an address add, and nvcc 13.0
-// changed the cooperative path-7 kernel's code either way, so that one keeps its own copy).
+// base + WOFF: the stage (WOFF = X_BYTES) or its weights (WOFF = 0).  The two forms exist only
+// for the code generation: each caller uses the one with which nvcc 13.0 gives the machine
+// code it had when this was written out in each kernel (checked on the SASS; the other form
+// moves an address add into or out of the main loop).
 template <class C, bool G128, int WOFF>
 __device__ __forceinline__ void load_a_frags(const uint8_t* base, int nb, int sh, int g, int lane,
                                              uint32_t (&f)[4][4]) {

@@ -359,33 +359,9 @@ __global__ void __launch_bounds__(C::THREADS, 1)
     mbar_wait(&full[s], (q / STAGES) & 1);
     const uint8_t* st = smem + s * C::STAGE_BYTES;
     const uint8_t* sw = st + C::X_BYTES;
-    // (load_a_frags's code written out: through it, nvcc 13.0 moves an address add of
-    // this kernel's main loop, in either of its forms -- see there)
-    uint32_t s2a = 0, s2b = 0, za = 0, zb = 0;
-    if constexpr (G128) {
-      const uint32_t s2w = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + nb * 32 + g * 4);
-      const uint32_t zw = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + C::BN + nb * 32 + g * 4);
-      s2a = (s2w >> (16 * sh)) & 0xffu;
-      s2b = (s2w >> (16 * sh + 8)) & 0xffu;
-      za = dev::splat_byte(zw, 2 * sh);
-      zb = dev::splat_byte(zw, 2 * sh + 1);
-    }
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint2 w = *reinterpret_cast<const uint2*>(sw + ((nb * 4 + ks) * 32 + lane) * 16 + 8 * sh);
-      uint32_t a0 = dev::lo_nibbles(w.x), a2 = dev::hi_nibbles(w.x);
-      uint32_t a1 = dev::lo_nibbles(w.y), a3 = dev::hi_nibbles(w.y);
-      if constexpr (G128) {
-        a0 = dev::dequant_g128(a0, s2a, za);
-        a2 = dev::dequant_g128(a2, s2a, za);
-        a1 = dev::dequant_g128(a1, s2b, zb);
-        a3 = dev::dequant_g128(a3, s2b, zb);
-      }
-      f[ks][0] = a0;
-      f[ks][1] = a1;
-      f[ks][2] = a2;
-      f[ks][3] = a3;
-    }
+    // (g128 through the stage, chn through the weights: the forms that keep nvcc 13.0's
+    // code for this kernel what it was with load_a_frags written out here)
+    load_a_frags<C, G128, G128 ? C::X_BYTES : 0>(G128 ? st : sw, nb, sh, g, lane, f);
     issue_stage_wgmmas<BMT>(acc, f, st);
     wgmma_wait<1>();
     fence_regs(acc);
