@@ -524,30 +524,35 @@ inline bool make_out_map(const W4A8Args& a, int bmt, CUtensorMap* map) {
   return true;
 }
 
-// max_ctas > 0 (debug op): persistent kernel with at most max_ctas CTAs, never the path-3
-// fallback.  max_ctas == 0: grid = #SMs x CTAs per SM.  Returns false, launching nothing,
-// where the caller must run path 3 instead (one wave or less, K == 0): the path-3 kernels
-// are instantiated in their own translation units, not again here.
-template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
-bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
+// Per-device launch setup of one path-7 kernel instantiation (shared-memory attribute set,
+// CTAs per SM), one bit per device in `done`.
+struct P7LaunchCache {
+  unsigned long long done = 0;
+  int per_sm[64] = {};
+};
+
+// Launches path-7 kernel `kern` (config C; the cooperative or the ping-pong one).  max_ctas
+// > 0 (debug op): at most max_ctas CTAs, never the path-3 fallback.  max_ctas == 0: grid =
+// #SMs x CTAs per SM.  Returns false, launching nothing, where the caller must run path 3
+// instead (one wave or less, K == 0): the path-3 kernels are instantiated in their own
+// translation units, not again here.
+template <class C, bool SMEM_EPI, class Kernel>
+bool launch_p7(Kernel kern, P7LaunchCache& cache, const W4A8Args& a, int max_ctas, cudaStream_t stream) {
   const int64_t tn = (a.N + C::BN - 1) / C::BN;
   const int64_t tm = (a.M + C::BMT - 1) / C::BMT;
   const int64_t tiles = tn * tm;
   if (a.K == 0 || tiles > INT_MAX) return false;
-  auto kern = w4a8_sm90p_kernel<C, G128, OUT, SMEM_EPI>;
-  static unsigned long long setup_done = 0;  // per instantiation, one bit per device
-  static int per_sm[64] = {};
   int dev = 0;
   QOQ_CUDA_CHECK(cudaGetDevice(&dev));
   const unsigned long long bit = 1ull << (dev & 63);
-  if (!(setup_done & bit)) {
+  if (!(cache.done & bit)) {
     QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
     int occ = 0;
     QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, C::THREADS, C::SMEM_BYTES));
-    per_sm[dev & 63] = std::max(1, occ);
-    setup_done |= bit;
+    cache.per_sm[dev & 63] = std::max(1, occ);
+    cache.done |= bit;
   }
-  const int64_t slots = static_cast<int64_t>(per_sm[dev & 63]) * a.num_sms;
+  const int64_t slots = static_cast<int64_t>(cache.per_sm[dev & 63]) * a.num_sms;
   if (max_ctas <= 0 && tiles <= slots) return false;
   const int64_t grid = std::min<int64_t>(tiles, max_ctas > 0 ? max_ctas : slots);
   const CUtensorMap xmap = make_x_map(a, C::BMT);
@@ -558,6 +563,13 @@ bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
                                                                           tma_out ? 1 : 0);
   QOQ_CUDA_CHECK(cudaGetLastError());
   return true;
+}
+
+// The cooperative kernel through launch_p7.
+template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
+bool launch_persistent(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
+  static P7LaunchCache cache;  // per instantiation
+  return launch_p7<C, SMEM_EPI>(w4a8_sm90p_kernel<C, G128, OUT, SMEM_EPI>, cache, a, max_ctas, stream);
 }
 
 // VLLM_QOQ_GEMM_P7_BMT=128: path 7 never uses 192-token tiles (A/B); read once.

@@ -261,37 +261,12 @@ inline bool persistent_pingpong() {
   return v;
 }
 
-// As launch_persistent (same grid rule, same one-wave fallback, same tensor maps).
+// The ping-pong kernel through launch_p7 (same grid rule, same one-wave fallback, same
+// tensor maps as the cooperative one).
 template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
 bool launch_pingpong(const W4A8Args& a, int max_ctas, cudaStream_t stream) {
-  const int64_t tn = (a.N + C::BN - 1) / C::BN;
-  const int64_t tm = (a.M + C::BMT - 1) / C::BMT;
-  const int64_t tiles = tn * tm;
-  if (a.K == 0 || tiles > INT_MAX) return false;
-  auto kern = w4a8_sm90pp_kernel<C, G128, OUT, SMEM_EPI>;
-  static unsigned long long setup_done = 0;  // per instantiation, one bit per device
-  static int per_sm[64] = {};
-  int dev = 0;
-  QOQ_CUDA_CHECK(cudaGetDevice(&dev));
-  const unsigned long long bit = 1ull << (dev & 63);
-  if (!(setup_done & bit)) {
-    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
-    int occ = 0;
-    QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, C::THREADS, C::SMEM_BYTES));
-    per_sm[dev & 63] = std::max(1, occ);
-    setup_done |= bit;
-  }
-  const int64_t slots = static_cast<int64_t>(per_sm[dev & 63]) * a.num_sms;
-  if (max_ctas <= 0 && tiles <= slots) return false;
-  const int64_t grid = std::min<int64_t>(tiles, max_ctas > 0 ? max_ctas : slots);
-  const CUtensorMap xmap = make_x_map(a, C::BMT);
-  CUtensorMap omap;
-  std::memset(&omap, 0, sizeof(omap));
-  const bool tma_out = SMEM_EPI && make_out_map(a, C::BMT, &omap);
-  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, omap, persistent_group_m(),
-                                                                           tma_out ? 1 : 0);
-  QOQ_CUDA_CHECK(cudaGetLastError());
-  return true;
+  static P7LaunchCache cache;  // per instantiation
+  return launch_p7<C, SMEM_EPI>(w4a8_sm90pp_kernel<C, G128, OUT, SMEM_EPI>, cache, a, max_ctas, stream);
 }
 
 // Path 7's entry: the ping-pong kernel where it applies (VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong,
