@@ -302,6 +302,17 @@ at::Tensor w4a8_chn_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const 
   return run_gemm(a, false, out_dtype, dev);
 }
 
+// base_args with the fp16 per-output-channel scales (per-channel `scales` or g128
+// `s1_scales`), N = their element count.
+W4A8Args scaled_args(const at::Tensor& qx, const at::Tensor& sx, const at::Tensor& qweight,
+                     const at::Tensor& scales, const char* scales_name, const c10::optional<at::Tensor>& bias,
+                     const at::Device& dev) {
+  W4A8Args a = base_args(qx, sx, qweight, scales.numel(), bias);
+  check_cuda(scales, scales_name, at::kHalf, dev);
+  a.scales = scales.data_ptr();
+  return a;
+}
+
 void g128_args(W4A8Args& a, const at::Tensor& s2_scales, const at::Tensor& s2_zeros, const at::Device& dev) {
   TORCH_CHECK(a.K % 128 == 0, "qoq::w4a8_g128_gemm: K=", a.K, " must be a multiple of 128");
   check_cuda(s2_scales, "s2_scales", at::kByte, dev);
@@ -322,10 +333,7 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
                                at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();
-  const int64_t n = s1_scales.numel();
-  W4A8Args a = base_args(qx, sx, qweight, n, bias);
-  check_cuda(s1_scales, "s1_scales", at::kHalf, dev);
-  a.scales = s1_scales.data_ptr();
+  W4A8Args a = scaled_args(qx, sx, qweight, s1_scales, "s1_scales", bias, dev);
   g128_args(a, s2_scales, s2_zeros, dev);
   return run_gemm(a, true, out_dtype, dev);
 }
@@ -364,9 +372,7 @@ at::Tensor w4a8_gemm_debug(const at::Tensor& qx, const at::Tensor& sx,
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Device dev = qx.device();
   const int64_t n = scales.numel();
-  W4A8Args a = base_args(qx, sx, qweight, n, bias);
-  check_cuda(scales, "scales", at::kHalf, dev);
-  a.scales = scales.data_ptr();
+  W4A8Args a = scaled_args(qx, sx, qweight, scales, "scales", bias, dev);
   const bool g128 = s2_scales.has_value() && s2_scales->defined();
   if (g128) {
     TORCH_CHECK(s2_zeros.has_value() && s2_zeros->defined(), "qoq_debug::w4a8_gemm: s2_zeros missing");
