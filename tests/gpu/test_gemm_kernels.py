@@ -223,6 +223,20 @@ def test_gemm_matches_reference(m, n, k, gs, dtype, bias):
     assert ulp_frac < 0.01, f"{ulp_frac:.3%} of outputs differ from the reference"
 
 
+def _capture_graph(fn, warmup=None):
+    """CUDA graph of fn() captured on a side stream after one eager warm-up call (warmup, or
+    fn); returns (graph, fn's output inside the graph)."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        (warmup or fn)()
+        with torch.cuda.graph(g):
+            y = fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return g, y
+
+
 def _gemm_path(q, kt, x, b, gs, dtype, path, max_ctas=0):
     qx, sx, qsum = ops.quantize_per_token(x)
     if gs == -1:
@@ -335,14 +349,7 @@ def test_persistent_graph_replay():
 
     first = run()
     assert torch.equal(first, _gemm_path(q, kt, x, None, 128, torch.float16, 3))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-        with torch.cuda.graph(g):
-            y = run()
-    torch.cuda.current_stream().wait_stream(s)
+    g, y = _capture_graph(run)
     for _ in range(3):
         y.zero_()
         g.replay()
@@ -474,16 +481,12 @@ def test_split_k_workspace_self_cleans_and_graph_replay(m):
                               q["s2_zeros"], None, torch.float16)
     torch.testing.assert_close(first, want, rtol=1e-2, atol=1e-3)
 
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-        with torch.cuda.graph(g):
-            qx2, sx2, qs2 = ops.quantize_per_token(x)
-            y = ops.w4a8_g128_gemm(qx2, sx2, kt["qweight"], kt["s1_scales"], kt["s2_scales"],
-                                   kt["s2_zeros"], None, torch.float16)
-    torch.cuda.current_stream().wait_stream(s)
+    def quantize_and_run():
+        qx2, sx2, _ = ops.quantize_per_token(x)
+        return ops.w4a8_g128_gemm(qx2, sx2, kt["qweight"], kt["s1_scales"], kt["s2_scales"],
+                                  kt["s2_zeros"], None, torch.float16)
+
+    g, y = _capture_graph(quantize_and_run, warmup=run)
     for _ in range(3):
         g.replay()
         torch.cuda.synchronize()
