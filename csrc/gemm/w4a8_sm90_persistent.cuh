@@ -309,6 +309,22 @@ __device__ __forceinline__ void produce_tiles(const W4A8Args& a, const CUtensorM
 }
 #endif  // QOQ_HAS_WGMMA
 
+#if QOQ_HAS_WGMMA
+// Path 7's `full` (one producer arrive + the bytes) / `empty` (`consumers` arrives) ring,
+// initialised by thread 0, visible to the CTA on return.
+template <int STAGES>
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int consumers) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], consumers);
+    }
+  }
+  __syncthreads();
+}
+#endif  // QOQ_HAS_WGMMA
+
 template <class C, bool G128, OutKind OUT, bool SMEM_EPI>
 __global__ void __launch_bounds__(C::THREADS, 1)
     w4a8_sm90p_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap,
@@ -327,14 +343,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
   const int tiles = tn * tm;  // < 2^31: checked on the host
   const int nk = (a.K + C::BK - 1) / C::BK;  // >= 1: K == 0 goes to path 3
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 256);
-    }
-  }
-  __syncthreads();
+  init_ring<STAGES>(full, empty, 256);
 
   if (wg == 2) {
     // ------------------------------------------------------------------ producer

@@ -139,14 +139,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
   const int tiles = tn * tm;  // < 2^31: checked on the host
   const int nk = (a.K + C::BK - 1) / C::BK;  // >= 1: K == 0 goes to path 3
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 128);  // one warpgroup consumes a use
-    }
-  }
-  __syncthreads();
+  init_ring<STAGES>(full, empty, 128);  // one warpgroup consumes a use
 
   if (wg == 2) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
