@@ -201,6 +201,13 @@ struct Cfg {
 };
 
 #if QOQ_HAS_WGMMA
+// The dynamic shared memory aligned up to 1024 bytes (the 128B-swizzle atom; every sm90
+// kernel asks for 1024 bytes more than it lays out).
+__device__ __forceinline__ uint8_t* smem_1024() {
+  extern __shared__ uint8_t smem_raw[];
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+}
+
 // ---- a consumer warpgroup's work on one stage, shared by path 3 and path 7 (cooperative and
 // ping-pong): every config is a Cfg<BMT> (the same stage layout).
 
@@ -273,8 +280,7 @@ __global__ void __launch_bounds__(288, 1)
     w4a8_sm90_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int k_tiles_per_split) {
 #if QOQ_HAS_WGMMA
   constexpr int BMT = C::BMT, STAGES = C::STAGES;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = smem_1024();
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * C::STAGE_BYTES);
   uint64_t* empty = full + STAGES;
   __shared__ int is_last;

@@ -128,8 +128,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
 #if QOQ_HAS_WGMMA
   static_assert(!(SMEM_EPI && OUT == OutKind::I32), "int32 output stores from registers");
   constexpr int BMT = C::BMT, STAGES = C::STAGES;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = smem_1024();
   uint8_t* otiles = smem + STAGES * C::STAGE_BYTES;  // SMEM_EPI: 4 x OUT_TILE_BYTES, 1024-aligned
   uint64_t* full = reinterpret_cast<uint64_t*>(otiles + 4 * C::OUT_TILE_BYTES);
   uint64_t* empty = full + STAGES;
