@@ -273,6 +273,27 @@ __device__ __forceinline__ void mma_stage(const uint8_t* st, int nb, int sh, int
   fence_regs(acc);
   fence_frag(fprev);
 }
+
+// The element-wise epilogue (int32 output) straight from a warpgroup's accumulators: element
+// acc[4v + 2h + e] of lane (g, t) is token m0 + 8v + 2t + e, channel nch + 8h (nch: the
+// lane's h = 0 channel).
+template <int BMT, bool G128, OutKind OUT>
+__device__ __forceinline__ void store_acc_direct(const W4A8Args& a, const int32_t (&acc)[BMT / 2], int m0,
+                                                 int nch, int t) {
+#pragma unroll
+  for (int v = 0; v < BMT / 8; ++v)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int m = m0 + 8 * v + 2 * t + e;
+      if (m < a.M) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = nch + 8 * h;
+          if (n < a.N) epi::store1<G128, OUT>(a, m, n, acc[4 * v + 2 * h + e]);
+        }
+      }
+    }
+}
 #endif  // QOQ_HAS_WGMMA
 
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
@@ -441,19 +462,7 @@ __global__ void __launch_bounds__(288, 1)
 
   // ---- epilogue: D[n][m] -> out[m][n]
   if constexpr (OUT == OutKind::I32) {
-#pragma unroll
-    for (int v = 0; v < BMT / 8; ++v)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * v + 2 * t + e;
-        if (m < a.M) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int n = n0 + nrow + 8 * h;
-            if (n < a.N) epi::store1<G128, OUT>(a, m, n, acc[4 * v + 2 * h + e]);
-          }
-        }
-      }
+    store_acc_direct<BMT, G128, OUT>(a, acc, m0, n0 + nrow, t);
   } else {
     // Through shared memory: each warpgroup writes its 64-channel x BMT-token tile as
     // out[m][n] rows (144-byte stride: conflict-free 2-byte writes), then stores full 16-byte

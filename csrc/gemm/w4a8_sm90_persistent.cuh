@@ -415,19 +415,7 @@ __global__ void __launch_bounds__(C::THREADS, 1)
                                   cw, ltid);
       }
     } else if constexpr (OUT == OutKind::I32) {
-#pragma unroll
-      for (int v = 0; v < BMT / 8; ++v)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = m0 + 8 * v + 2 * t + e;
-          if (m < a.M) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int n = n0 + nrow + 8 * h;
-              if (n < a.N) epi::store1<G128, OUT>(a, m, n, acc[4 * v + 2 * h + e]);
-            }
-          }
-        }
+      store_acc_direct<BMT, G128, OUT>(a, acc, m0, n0 + nrow, t);
     } else {  // regs: straight from the accumulator registers (see the top)
       epi::ColParams cp[2];
 #pragma unroll
