@@ -101,7 +101,7 @@ def load_reference_model(model_dir: str, dtype=torch.float32, device="cpu", act_
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from vllm_qoq import format as fmt
-    from vllm_qoq.reference.quantize import dequantize_activation, quantize_activation
+    from vllm_qoq.reference.quantize import fake_quantize_activation
 
     d = Path(model_dir)
     raw = json.loads((d / "config.json").read_text())
@@ -131,9 +131,7 @@ def load_reference_model(model_dir: str, dtype=torch.float32, device="cpu", act_
     model = model.to(device).eval()
     if act_quant:
         def fq(_, args):  # per-token symmetric INT8 (vllm_qoq/reference): what the runtime does
-            x = args[0]
-            qx, sx, _ = quantize_activation(x.reshape(-1, x.shape[-1]))
-            return (dequantize_activation(qx, sx).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+            return (fake_quantize_activation(args[0]),) + tuple(args[1:])
 
         for p in quantized:
             mods[p].register_forward_pre_hook(fq)

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from vllm_qoq import format as fmt
-from vllm_qoq.reference.quantize import dequantize_activation, quantize_activation
+from vllm_qoq.reference.kv4 import fake_quantize_kv4
+from vllm_qoq.reference.quantize import fake_quantize_activation
 
 from .. import calib
 from . import transforms as T
@@ -184,8 +185,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _a8_w4_error(x: torch.Tensor, w: torch.Tensor, y_ref: torch.Tensor, group_size: int, pr: int) -> float:
     """‖Q8(x)·Q4(w)ᵀ − y_ref‖² with the reference quantizers (per-token INT8, RTN W4)."""
-    qx, sx, _ = quantize_activation(x)
-    xq = dequantize_activation(qx, sx)
+    xq = fake_quantize_activation(x)
     wq = fmt.dequantize_weight(rtn_quantize(w, group_size, protective_range=pr), group_size, w.shape[1])
     return float(((xq @ wq.T) - y_ref).pow(2).sum())
 
@@ -380,18 +380,12 @@ def _runtime_quant(layer, nkv: int, hd: int, enabled: bool):
     if not enabled:
         yield
         return
-    from vllm_qoq.reference.kv4 import dequantize_kv4, quantize_kv4
-
-    def kv4(x):  # [..., D] per row
-        return dequantize_kv4(*quantize_kv4(x)).to(x.dtype)
 
     def a8(_, args):
-        x = args[0]
-        qx, sx, _ = quantize_activation(x.reshape(-1, x.shape[-1]))
-        return (dequantize_activation(qx, sx).reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+        return (fake_quantize_activation(args[0]),) + tuple(args[1:])
 
     def v_hook(_, __, out):
-        return kv4(out.view(*out.shape[:-1], nkv, hd)).view(out.shape)
+        return fake_quantize_kv4(out.view(*out.shape[:-1], nkv, hd)).view(out.shape)
 
     a = layer.self_attn
     mod = sys.modules[type(a).__module__]
@@ -401,7 +395,7 @@ def _runtime_quant(layer, nkv: int, hd: int, enabled: bool):
 
     def rope_kv4(q, k, *args, **kwargs):
         q, k = rope(q, k, *args, **kwargs)
-        return q, kv4(k)
+        return q, fake_quantize_kv4(k)
 
     hooks = [lin.register_forward_pre_hook(a8) for lin in T.layer_linears(layer).values()]
     hooks.append(a.v_proj.register_forward_hook(v_hook))
@@ -480,28 +474,25 @@ def _collect_stats(layer, batches, nh, nkv, hd, max_tokens: int) -> dict:
     return st
 
 
-def _kv4_attention_error(q, k, v, lam) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Float causal attention [Hkv, G, T, D] of q [Hq, T, D], k/v [Hkv, T, D]."""
+    return torch.einsum("hgts,hsd->hgtd", _causal_probs(q, k), v)
+
+
+def _kv4_attention_error(q, k, v, lam, ref: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error per KV head of causal attention when the keys are smoothed by λ and
     KV4-quantized (per token and head, as the runtime does), against float attention.
 
-    q [Hq, T, D], k/v [Hkv, T, D] post-RoPE; lam [Hkv, D].  With λ folded into the
-    weights the runtime computes (q·λ)·deq(Q4(k/λ)) = q·(λ·deq(Q4(k/λ))); V is left in
-    float so that the error measured is the one λ changes.
+    q [Hq, T, D], k/v [Hkv, T, D] post-RoPE; lam [Hkv, D]; ref: _attend(q, k, v) when the
+    caller has it (it does not depend on λ).  With λ folded into the weights the runtime
+    computes (q·λ)·deq(Q4(k/λ)) = q·(λ·deq(Q4(k/λ))); V is left in float so that the
+    error measured is the one λ changes.
     """
-    from vllm_qoq.reference.kv4 import dequantize_kv4, quantize_kv4
-
-    hkv, t, d = k.shape
-    g = q.shape[0] // hkv
     lam = lam.to(k.device, torch.float32)[:, None, :]
-    k_hat = dequantize_kv4(*quantize_kv4(k / lam)) * lam
-    qg = q.view(hkv, g, t, d)
-    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-
-    def attend(keys):
-        s = torch.einsum("hgtd,hsd->hgts", qg, keys) / math.sqrt(d)
-        return torch.einsum("hgts,hsd->hgtd", s.masked_fill(mask, float("-inf")).softmax(-1), v)
-
-    return (attend(k_hat) - attend(k)).pow(2).sum(dim=(1, 2, 3))
+    k_hat = fake_quantize_kv4(k / lam) * lam
+    if ref is None:
+        ref = _attend(q, k, v)
+    return (_attend(q, k_hat, v) - ref).pow(2).sum(dim=(1, 2, 3))
 
 
 def _search_smooth_attention(st, opts, nh, nkv, hd) -> tuple[torch.Tensor, dict]:
@@ -518,8 +509,9 @@ def _search_smooth_attention(st, opts, nh, nkv, hd) -> tuple[torch.Tensor, dict]
             for a in alphas]
     err = torch.zeros(len(alphas), nkv, dtype=torch.float64)
     for q, k, v in st["attn"]:
+        ref = _attend(q, k, v)
         for i, lam in enumerate(lams):
-            err[i] += _kv4_attention_error(q, k, v, lam).double().cpu()
+            err[i] += _kv4_attention_error(q, k, v, lam, ref).double().cpu()
     best = err.argmin(0)  # [Hkv]
     lam = torch.stack([lams[int(b)][h] for h, b in enumerate(best)])
     ref = alphas.index(0.5) if 0.5 in alphas else None
@@ -603,8 +595,6 @@ def _smooth_o(layer, st, group_size, opts, nh, nkv, hd) -> dict:
     weights but spreads V's range badly loses.  P is float attention of the calibration
     sequence (SmoothAttention does not change it).
     """
-    from vllm_qoq.reference.kv4 import dequantize_kv4, quantize_kv4
-
     a = layer.self_attn
     grp = nh // nkv
     w = a.o_proj.weight.detach().to(torch.float32)
@@ -625,7 +615,7 @@ def _smooth_o(layer, st, group_size, opts, nh, nkv, hd) -> dict:
             s_kv = torch.ones(nkv, hd, device=w.device)
         s = s_kv.repeat_interleave(grp, dim=0).reshape(-1)
         if seqs is not None:
-            xs = torch.cat([_o_proj_input(p, dequantize_kv4(*quantize_kv4(v / s_kv[:, None, :]))) for p, v in seqs])
+            xs = torch.cat([_o_proj_input(p, fake_quantize_kv4(v / s_kv[:, None, :])) for p, v in seqs])
         else:
             xs = x / s
         err = _a8_w4_error(xs, w * s, y_ref, group_size, opts.protective_range)

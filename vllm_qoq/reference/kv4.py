@@ -120,6 +120,11 @@ def dequantize_kv4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
     return (codes.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
+def fake_quantize_kv4(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] after the KV4 cache's round trip (per row of D), in x's dtype (fake quant)."""
+    return dequantize_kv4(*quantize_kv4(x)).to(x.dtype)
+
+
 def kv4_cache_write(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

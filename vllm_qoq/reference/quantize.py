@@ -152,3 +152,9 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def dequantize_activation(qx: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
     return qx.to(torch.float32) * sx[..., None]
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] after the runtime's per-token INT8 round trip, in x's dtype (fake quant)."""
+    qx, sx, _ = quantize_activation(x.reshape(-1, x.shape[-1]))
+    return dequantize_activation(qx, sx).reshape(x.shape).to(x.dtype)
