@@ -287,6 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lib", default=os.environ.get("QOQ_KV4_LIB"))
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--phases", nargs="*", default=["decode", "prefill"])
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20, 5 with --quick)")
     ap.add_argument("--markdown", default=None, metavar="JSON",
                     help="only (re)write the markdown summary of an earlier run's JSON")
     args = ap.parse_args(argv)
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
         vllm_version = None
         for k in ("fa3_bf16", "fa3_fp8", "triton_int4"):
             skipped[k] = f"vLLM not importable: {type(e).__name__}: {e}"
-    timer = Timer(5 if args.quick else 20)
+    timer = Timer(args.iters or (5 if args.quick else 20))
     rows = []
     for phase, b, c, ql, hq, hkv, d in cases(args.quick):
         if phase not in args.phases:

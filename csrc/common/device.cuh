@@ -56,17 +56,24 @@ __device__ __forceinline__ void mma_s8_16832(int32_t (&c)[4], const uint32_t (&a
 __device__ __forceinline__ uint32_t lo_nibbles(uint32_t w) { return w & 0x0F0F0F0Fu; }
 __device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return (w >> 4) & 0x0F0F0F0Fu; }
 
-// g128 "subtraction after multiplication": 4 bytes u (0..15) times the integer scale s2
-// (1..16) in ONE 32-bit multiply (u*s2 <= 240 < 256: no carry crosses a byte), then a
-// per-byte add of the pre-negated zero (-z*s2 mod 256, replicated in the 4 bytes).  Each
-// byte read as int8 is q8 = s2*(u - z), exact because q8 lies in [-128, 127].
-__device__ __forceinline__ uint32_t dequant_g128(uint32_t u4, uint32_t s2, uint32_t zneg4) {
-  return __vadd4(u4 * s2, zneg4);
+// g128 "subtraction after multiplication" (qoq.md §1): q8 = s2*(u - z) for 4 bytes u
+// (0..15) with ONE 32-bit multiply-add and one XOR.  Per byte j the offset-binary value
+// v_j = s2*u_j + (128 - z*s2) = q8_j + 128 lies in [0, 255] (q8 in [-128, 127] by the
+// format), so over the integers  sum_j v_j 256^j = s2 * (sum_j u_j 256^j) + (128 - z*s2) *
+// 0x01010101  exactly: the 32-bit IMAD below yields the four v_j with no carry between
+// bytes (whatever the sign of 128 - z*s2), and XOR 0x80 per byte turns offset binary into
+// two's complement.  zc = g128_zc(zneg) is per (row, group): hoisted out of the K loop.
+// (Was u*s2 followed by __vadd4 with the pre-negated zero: sm_90 has no SIMD video add,
+// nvcc emulates it with 5 integer ops, so that was 6 ops per word, now 2.)
+__device__ __forceinline__ uint32_t dequant_g128(uint32_t u4, uint32_t s2, uint32_t zc) {
+  return (u4 * s2 + zc) ^ 0x80808080u;
 }
 
-// Replicate byte j of w into all 4 bytes.
-__device__ __forceinline__ uint32_t splat_byte(uint32_t w, int j) {
-  return __byte_perm(w, 0u, static_cast<uint32_t>(j) * 0x1111u);
+// The dequant_g128 addend (128 - z*s2) * 0x01010101 (mod 2^32) of a row, from the low byte
+// of zneg = (-z*s2) mod 256 as the kernel layout stores it: z*s2 <= 15*16 = 240 < 256, so
+// z*s2 = (-zneg) mod 256.
+__device__ __forceinline__ uint32_t g128_zc(uint32_t zneg) {
+  return 0x80808080u - ((0u - zneg) & 0xFFu) * 0x01010101u;
 }
 
 }  // namespace dev

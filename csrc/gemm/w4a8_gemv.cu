@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
         uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
         if constexpr (G128) {
           const uint32_t s2 = (s2w >> (8 * j)) & 0xFFu;
-          const uint32_t z4 = dev::splat_byte(znw, j);
+          const uint32_t z4 = dev::g128_zc(znw >> (8 * j));
           b0 = dev::dequant_g128(b0, s2, z4);
           b1 = dev::dequant_g128(b1, s2, z4);
         }

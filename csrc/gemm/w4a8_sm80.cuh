@@ -202,7 +202,7 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
           uint32_t b1 = dev::hi_nibbles(ws[j]);
           if constexpr (G128) {
             const uint32_t s2 = (s2w[nc] >> (8 * j)) & 0xffu;
-            const uint32_t z4 = dev::splat_byte(zw[nc], j);
+            const uint32_t z4 = dev::g128_zc(zw[nc] >> (8 * j));
             b0 = dev::dequant_g128(b0, s2, z4);
             b1 = dev::dequant_g128(b1, s2, z4);
           }

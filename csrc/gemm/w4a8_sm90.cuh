@@ -14,8 +14,8 @@
 // In the kernel weight layout, lane (g, t) of the 512-byte block (n32 block nb, k32 block kc)
 // holds words j = 0..3 for rows 8j+g, low nibbles k = 4t+i, high nibbles k = 16+4t+i.  Rows
 // 16h+g and 16h+8+g are words 2h and 2h+1: one 8-byte load gives a0/a2 (word 2h) and a1/a3
-// (word 2h+1).  g128: the same bytes are multiplied by s2 and get the pre-negated zero added
-// per byte (qoq.md §1), with the s2/zneg bytes 2h, 2h+1 of the lane's 32-bit word.
+// (word 2h+1).  g128: the same bytes are multiplied by s2 and offset by the row's zero
+// (dev::dequant_g128, qoq.md §1), with the s2/zneg bytes 2h, 2h+1 of the lane's 32-bit word.
 // D fragment: d[4*v + 2*h + e] = D[16w + g + 8h][8v + 2t + e]  (row = channel, col = token).
 //
 // ---- CTA ----
@@ -227,8 +227,8 @@ __device__ __forceinline__ void load_a_frags(const uint8_t* base, int nb, int sh
     const uint32_t zw = *reinterpret_cast<const uint32_t*>(sw + C::W_BYTES + C::BN + nb * 32 + g * 4);
     s2a = (s2w >> (16 * sh)) & 0xffu;
     s2b = (s2w >> (16 * sh + 8)) & 0xffu;
-    za = dev::splat_byte(zw, 2 * sh);
-    zb = dev::splat_byte(zw, 2 * sh + 1);
+    za = dev::g128_zc(zw >> (16 * sh));
+    zb = dev::g128_zc(zw >> (16 * sh + 8));
   }
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {

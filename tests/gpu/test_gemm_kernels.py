@@ -189,6 +189,37 @@ def test_g128_extreme_codes(path):
     assert torch.equal(acc, _exact_acc(qx, w8))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_g128_every_scale_and_zero(path):
+    """All 256 (s2, z) pairs of the format (s2 1..16, z 0..15), one per (row, group), with
+    codes drawn from the u the format allows there (s2*(u - z) in [-128, 127]), including
+    z*s2 > 128 (e.g. s2 = 16, z = 15: u 7..15): the dequantization is exact for each."""
+    n, k = 64, 512
+    idx = torch.arange(n * (k // 128), device=DEV).reshape(n, k // 128)
+    s2 = (idx // 16 + 1).to(torch.uint8)
+    z = (idx % 16).to(torch.uint8)
+    s2e = s2.to(torch.int32).repeat_interleave(128, dim=1)
+    ze = z.to(torch.int32).repeat_interleave(128, dim=1)
+    # valid codes per element: u in [lo, hi], lo = z - floor(128 / s2), hi = z + floor(127 / s2)
+    lo = (ze - 128 // s2e).clamp(min=0)
+    hi = (ze + 127 // s2e).clamp(max=15)
+    r = torch.rand((n, k), device=DEV, generator=_gen(11))
+    u = (lo + (r * (hi - lo + 1).float()).floor().to(torch.int32)).clamp(max=15).to(torch.uint8)
+    qw = fmt.pack_int4(u)
+    w8 = fmt.int8_weight_g128(qw, s2, z)
+    q8 = s2e * (u.to(torch.int32) - ze)
+    assert int(q8.min()) >= -128 and int(q8.max()) <= 127 and int(q8.min()) == -128
+    assert bool(((s2.int() * z.int()) > 128).any())
+    kt = kl.to_kernel_layout(
+        {"qweight": qw, "s1_scales": torch.ones(n, device=DEV, dtype=torch.float16),
+         "s2_scales": s2, "s2_zeros": z}, 128)
+    _need_path(path)
+    m = 16 if path in MAX_M else 40
+    qx = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8, generator=_gen(12))
+    acc = torch.ops.qoq_debug.w4a8_acc(qx, kt["qweight"], kt["s2_scales"], kt["s2_zeros"], n, path)
+    assert torch.equal(acc, _exact_acc(qx, w8))
+
+
 # ---------------------------------------------------------------- full ops vs reference
 OUT_SHAPES = [(32, 128), (96, 576), (4096, 4096), (80, 256)]
 
