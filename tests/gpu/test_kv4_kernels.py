@@ -127,6 +127,19 @@ def test_decode_batch(dtype, hq, hkv, d, bs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,bs", [(32, 8, 16), (8, 2, 32)])
+def test_decode_dense_occupancy_batch(dtype, hq, hkv, bs):
+    """Unsplit head_dim-128 decode with 3 x SMs < CTAs <= 4 x SMs runs the 4-CTA-per-SM build
+    (kv4_attention.cu, kDenseBlocks128); mixed lengths, partial pages, one key."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = (3 * sms) // hkv + 1  # CTAs = batch * hkv (one row tile per KV head)
+    assert 3 * sms < batch * hkv <= 4 * sms
+    lens = [1, 17, 300, 1000, 2049, 4096, 33]
+    specs = [(lens[i % len(lens)] + i, 1) for i in range(batch)]
+    _check(specs, hq, hkv, 128, bs, dtype, num_splits=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [1, 3, 0])
 def test_long_decode_split_kv(num_splits, dtype):
     # num_splits=1: one CTA per row tile walks 32k keys, 512 tiles per warp (the V
