@@ -23,5 +23,9 @@ VLLM_QOQ_DISABLE_KERNELS=1 python3 benchmarks/attention.py --phases decode --imp
   --out "$OUT/attn-old.json" 2>&1 | tail -1
 VLLM_QOQ_DISABLE_KERNELS=1 python3 benchmarks/attention.py --phases decode --impls ${AB_IMPLS:-qoq_kv4 fa3_bf16 fa3_fp8} \
   --lib $NEW --out "$OUT/attn-new.json" 2>&1 | tail -1
-rm -f "$OUT"/attn-old.md
+if [ -n "${AB_EXTRA_ENV:-}" ]; then  # e.g. AB_EXTRA_ENV=VLLM_QOQ_KV4_DENSE=on: the new build once more
+  env $AB_EXTRA_ENV VLLM_QOQ_DISABLE_KERNELS=1 python3 benchmarks/attention.py --phases decode --impls qoq_kv4 \
+    --lib $NEW --out "$OUT/attn-new-env.json" 2>&1 | tail -1
+fi
+rm -f "$OUT"/attn-old.md "$OUT"/attn-new-env.md
 echo done

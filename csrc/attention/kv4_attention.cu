@@ -221,22 +221,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// The V codes of a stage are stored with their 16-byte chunks permuted inside each 128-byte
-// line (XOR swizzle), so that the fragment loads of load_stage hit 32 distinct banks.  A lane
-// (g, c) reads 8 (D = 128) or 4 (D = 64) bytes of keys 2c + s (and 2c + 8 + s) at byte
-// g * D/16 of the key.  Unswizzled, D = 128: key 2c starts a line (c * 128 bytes), so the four
-// c of a half-warp met the same banks (4-way conflict; the H100 profile of batch 64 x 4k counted
-// 42% of all shared-memory wavefronts as excess); D = 64: keys 2c and 2c + 4 share banks
-// (2-way).  Logical chunk j = (key * CB + byte) / 16 of line l = j / 8 is stored at
-// l * 8 + ((j % 8) ^ 2 * (l % L)), L = 4 (D = 128) or 2 (D = 64); then the chunks (4s + g/2) ^ 2c
-// (D = 128) or (4(c%2) + 2s + g/4) ^ 2(c/2) (D = 64) of a phase are all distinct.
-template <int D>
-__device__ __forceinline__ int v_swizzle(int byte) {  // logical -> stored byte offset
-  constexpr int L = D == 128 ? 4 : 2;
-  const int j = byte >> 4, l = j >> 3;
-  return (((l << 3) | ((j & 7) ^ ((l & (L - 1)) << 1))) << 4) | (byte & 15);
-}
-
 // Copy one tile (16 keys from offset `off` of the page regions) into a stage.
 template <int D>
 __device__ __forceinline__ void stage_tile(uint8_t* st, const uint8_t* kreg, const uint8_t* vreg,
@@ -245,7 +229,7 @@ __device__ __forceinline__ void stage_tile(uint8_t* st, const uint8_t* kreg, con
 #pragma unroll
   for (int i = lane; i < CB; i += 32) {
     cp_async16(st + 16 * i, kreg + off * CB + 16 * i);
-    cp_async16(st + 16 * CB + v_swizzle<D>(16 * i), vreg + off * CB + 16 * i);
+    cp_async16(st + 16 * CB + 16 * i, vreg + off * CB + 16 * i);
   }
   if (lane < 4) {
     cp_async16(st + 32 * CB + 16 * lane, kreg + bs * CB + 4 * off + 16 * lane);
@@ -276,7 +260,7 @@ __device__ __forceinline__ void load_stage(TileRegs<D>& r, const uint8_t* st, in
   lds_words<D / 8>(r.k[1], st + (8 + g) * CB + c * (D / 8));
   const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) lds_words<D / 16>(r.v[i], st + 16 * CB + v_swizzle<D>(keys[i] * CB + g * (D / 16)));
+  for (int i = 0; i < 4; ++i) lds_words<D / 16>(r.v[i], st + 16 * CB + keys[i] * CB + g * (D / 16));
   r.ksz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 8 * c);
   r.ksz[1] = *reinterpret_cast<const uint2*>(st + 32 * CB + 32 + 8 * c);
   r.vsz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 64 + 8 * c);
@@ -676,6 +660,19 @@ __global__ void __launch_bounds__(D) kv4_combine_kernel(AttnArgs a) {
       Traits<T>::from_f32(den > 0.f ? num / den : 0.f);
 }
 
+// VLLM_QOQ_KV4_DENSE=on|off forces the dense head_dim-128 build for every unsplit launch, or
+// never (read once; for A/B timings); default: the rule in launch().
+int dense_policy() {  // 0 default, 1 off, 2 on
+  static const int p = [] {
+    const char* e = std::getenv("VLLM_QOQ_KV4_DENSE");
+    if (e == nullptr) return 0;
+    if (std::string(e) == "off") return 1;
+    if (std::string(e) == "on") return 2;
+    return 0;
+  }();
+  return p;
+}
+
 template <typename T, int D, int MINB>
 void launch_kernel(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
   const int G = a.num_q_heads / a.num_kv_heads;
@@ -693,12 +690,13 @@ void launch(const AttnArgs& a, cudaStream_t stream) {
   dim3 grid(a.num_splits, a.num_kv_heads * row_tiles, a.num_seqs);
   bool dense = false;
   if constexpr (D == 128) {
-    if (a.num_splits == 1) {
+    const int policy = dense_policy();
+    if (a.num_splits == 1 && policy != 1) {
       int dev = 0;
       QOQ_CUDA_CHECK(cudaGetDevice(&dev));
       const int64_t sms = num_sms(dev);
       const int64_t ctas = (int64_t)grid.y * grid.z;
-      dense = ctas > min_blocks<D>() * sms && ctas <= kDenseBlocks128 * sms;
+      dense = policy == 2 || (ctas > min_blocks<D>() * sms && ctas <= kDenseBlocks128 * sms);
     }
   }
   if (dense) {
