@@ -103,8 +103,10 @@ constexpr int min_blocks() { return D == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MI
 // A denser head_dim-128 build (4 CTAs per SM: 128 registers, a few bytes spilled, ~5% slower
 // per CTA), launched only where it turns 1-2 partial waves into one: unsplit launches of
 // 3 x SMs < CTAs <= 4 x SMs (batch 64 x 8 KV heads on 132 SMs: 512 CTAs, 1.3 waves of 396
-// slots at 3 per SM, one of 528 at 4).  H100, benchmarks/results/attention-h100-decode-dense.md:
-// 64 x 4k 1.09-1.16x faster; 0.95-0.97x where it is not launched (256 x 4k, 64 x 16k, 256 x 32k).
+// slots at 3 per SM, one of 528 at 4).  H100 A/B, each build in its own process
+// (benchmarks/results/attention-h100-decode-dense*.json, docs/kv4.md): batch 64 x 1k 1.09x,
+// 64 x 4k 1.10x faster; forced onto every unsplit launch (VLLM_QOQ_KV4_DENSE=on) it is
+// 0.95-1.05x elsewhere, so only this rule turns it on.
 constexpr int kDenseBlocks128 = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 // the V bias is folded into the accumulators at least every kFoldTiles tiles of a warp
