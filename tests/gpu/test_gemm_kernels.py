@@ -220,6 +220,18 @@ def test_g128_every_scale_and_zero(path):
     assert torch.equal(acc, _exact_acc(qx, w8))
 
 
+@pytest.mark.parametrize("gs", [-1, 128])
+def test_split_k_paths_share_a_clean_workspace(gs):
+    """Path 3's split-K (one workspace slice per split), the mma.sync tiles' and the weight
+    streams' atomics all use the one per-device workspace and must leave it zeroed:
+    interleaved calls stay exact.  M = 256 / 64 / 40 at N = K = 4096 split path 3's K."""
+    _need_path(3)
+    n, k = 4096, 4096
+    for m, path in [(256, 3), (8, 1), (64, 3), (2, 5), (40, 3), (16, 6), (256, 3), (12, 1)]:
+        acc, want = _acc_case(m, n, k, gs, seed=m + path, path=path)
+        assert torch.equal(acc, want), (m, path)
+
+
 # ---------------------------------------------------------------- full ops vs reference
 OUT_SHAPES = [(32, 128), (96, 576), (4096, 4096), (80, 256)]
 
