@@ -32,8 +32,8 @@
 // still read theirs), issue 4 wgmmas, commit, wait until the previous stage's wgmmas are
 // done, release that stage (`empty` mbarrier).  Dequantization of stage i+1 thus overlaps
 // the tensor-core work of stage i, and loads run STAGES deep.
-// Split-K across CTAs (grid.z): each split stores its int32 partial tile into its own slice
-// of the self-cleaning workspace, the last CTA of a tile adds them up and runs the epilogue.
+// Split-K across CTAs (grid.z) as in the mma.sync path: exact int32 atomics into the
+// self-cleaning workspace, the last CTA of a tile runs the epilogue.
 // Epilogue: through shared memory, so that every warp stores whole 16-byte row segments.
 //
 // ---- Measured (H100, benchmarks/results/gemm-h100-v2-wgmma.md) ----
@@ -420,49 +420,43 @@ __global__ void __launch_bounds__(288, 1)
   // multicast into this CTA was for a stage it consumed, every remote arrive was issued.
   if constexpr (CLUSTER) cluster_sync();
 
-  // ---- split-K across CTAs.  Each split stores its accumulators, in register order, into
-  // its own slice of the workspace (plain 16-byte stores: thread tid's q-th int4 at
-  // q * 256 + tid, coalesced), then takes a ticket; the last split of the tile adds the other
-  // slices to its registers and zeroes every slice of the tile and the counter again (the
-  // workspace, shared with the other paths, is all zeros between calls).  Exact int32, any
-  // order.  (Was: int32 atomics of every element into one zeroed tile and a scalar read-back,
-  // ~2x slower at M = 256 on the 8B shapes, gemm-notes.md.)
+  // ---- split-K across CTAs
   const int nrow = cw * 64 + warp * 16 + g;  // channel (within the tile) of acc[.. 2h=0 ..]
   if (gridDim.z > 1) {
-    static_assert(BMT % 8 == 0, "int4 slices");
-    constexpr int TILE_INTS = BMT * C::BN;  // = 256 consumer threads x BMT / 2
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     const int ntiles = gridDim.x * gridDim.y;
-    auto slice = [&](int split) {
-      return reinterpret_cast<int4*>(a.workspace + (static_cast<int64_t>(split) * ntiles + tile) * TILE_INTS) + tid;
-    };
-    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(gridDim.z) * ntiles * TILE_INTS) + tile;
-    int4* mine = slice(blockIdx.z);
+    int32_t* wt = a.workspace + static_cast<int64_t>(tile) * (BMT * C::BN);
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * (BMT * C::BN)) + tile;
 #pragma unroll
-    for (int q = 0; q < BMT / 8; ++q)
-      __stcg(mine + q * 256, make_int4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
+    for (int v = 0; v < BMT / 8; ++v)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ml = 8 * v + 2 * t + e;
+        if (m0 + ml < a.M) {
+          atomicAdd(wt + ml * C::BN + nrow, acc[4 * v + e]);
+          atomicAdd(wt + ml * C::BN + nrow + 8, acc[4 * v + 2 + e]);
+        }
+      }
     __threadfence();
     consumer_bar();
     if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1);
     consumer_bar();
     if (!is_last) return;
     __threadfence();
-    const int4 zero = make_int4(0, 0, 0, 0);
-    for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) {
-      int4* other = slice(sp);
-      if (sp != static_cast<int>(blockIdx.z)) {
 #pragma unroll
-        for (int q = 0; q < BMT / 8; ++q) {
-          const int4 v = __ldcg(other + q * 256);
-          acc[4 * q] += v.x;
-          acc[4 * q + 1] += v.y;
-          acc[4 * q + 2] += v.z;
-          acc[4 * q + 3] += v.w;
+    for (int v = 0; v < BMT / 8; ++v)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int ml = 8 * v + 2 * t + e;
+        if (m0 + ml < a.M) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            int32_t* p = wt + ml * C::BN + nrow + 8 * h;
+            acc[4 * v + 2 * h + e] = __ldcg(p);
+            __stcg(p, 0);
+          }
         }
       }
-#pragma unroll
-      for (int q = 0; q < BMT / 8; ++q) __stcg(other + q * 256, zero);
-    }
     if (tid == 0) *counter = 0;
   }
 
@@ -563,13 +557,12 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   const int tm = (a.M + C::BMT - 1) / C::BMT;
   const int kt = (a.K + C::BK - 1) / C::BK;
   const int64_t tiles = static_cast<int64_t>(tn) * tm;
+  const int64_t need = tiles * (C::BMT * C::BN) + tiles;
   const int64_t target = static_cast<int64_t>(ctas_per_sm_target) * a.num_sms;
   int splits = 1;
-  if (tiles < target && a.workspace != nullptr) {
-    // one wave: tiles * splits <= CTA slots; at least 3 k-tiles per split; one workspace
-    // slice per split (+ a counter per tile)
-    const int64_t fit = (a.workspace_ints - tiles) / (tiles * (C::BMT * C::BN));
-    splits = static_cast<int>(std::min<int64_t>(std::min<int64_t>(target / tiles, 16), fit));
+  if (tiles < target && a.workspace != nullptr && need <= a.workspace_ints) {
+    // one wave: tiles * splits <= CTA slots; at least 3 k-tiles per split
+    splits = static_cast<int>(std::min<int64_t>(target / tiles, 16));
     splits = std::max(1, std::min(splits, kt / 3));
   }
   const int per = (kt + splits - 1) / splits;
