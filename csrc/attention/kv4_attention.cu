@@ -664,14 +664,17 @@ __global__ void __launch_bounds__(D) kv4_combine_kernel(AttnArgs a) {
 
 // VLLM_QOQ_KV4_DENSE=on|off forces the dense head_dim-128 build for every unsplit launch, or
 // never (read once; for A/B timings); default: the rule in launch().
+// An environment switch with two named settings: 1 for `first`, 2 for `second`, else 0.
+int env_choice(const char* name, const char* first, const char* second) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return 0;
+  if (std::string(e) == first) return 1;
+  if (std::string(e) == second) return 2;
+  return 0;
+}
+
 int dense_policy() {  // 0 default, 1 off, 2 on
-  static const int p = [] {
-    const char* e = std::getenv("VLLM_QOQ_KV4_DENSE");
-    if (e == nullptr) return 0;
-    if (std::string(e) == "off") return 1;
-    if (std::string(e) == "on") return 2;
-    return 0;
-  }();
+  static const int p = env_choice("VLLM_QOQ_KV4_DENSE", "off", "on");
   return p;
 }
 
@@ -739,13 +742,7 @@ bool head_size_supported(int head_size) { return head_size == 64 || head_size ==
 // 1k-4k); head_dim 64 within noise.  VLLM_QOQ_KV4_SPLITS=wave|fill forces one (read once).
 // (A first "fill" took the highest busy fraction up to 64 splits and over-split: 0.37-0.66x.)
 static int split_policy() {  // 0 default, 1 wave, 2 fill
-  static const int p = [] {
-    const char* e = std::getenv("VLLM_QOQ_KV4_SPLITS");
-    if (e == nullptr) return 0;
-    if (std::string(e) == "wave") return 1;
-    if (std::string(e) == "fill") return 2;
-    return 0;
-  }();
+  static const int p = env_choice("VLLM_QOQ_KV4_SPLITS", "wave", "fill");
   return p;
 }
 
