@@ -662,8 +662,6 @@ __global__ void __launch_bounds__(D) kv4_combine_kernel(AttnArgs a) {
       Traits<T>::from_f32(den > 0.f ? num / den : 0.f);
 }
 
-// VLLM_QOQ_KV4_DENSE=on|off forces the dense head_dim-128 build for every unsplit launch, or
-// never (read once; for A/B timings); default: the rule in launch().
 // An environment switch with two named settings: 1 for `first`, 2 for `second`, else 0.
 int env_choice(const char* name, const char* first, const char* second) {
   const char* e = std::getenv(name);
@@ -673,6 +671,8 @@ int env_choice(const char* name, const char* first, const char* second) {
   return 0;
 }
 
+// VLLM_QOQ_KV4_DENSE=on|off forces the dense head_dim-128 build for every unsplit launch, or
+// never (read once; for A/B timings); default: the rule in launch().
 int dense_policy() {  // 0 default, 1 off, 2 on
   static const int p = env_choice("VLLM_QOQ_KV4_DENSE", "off", "on");
   return p;

@@ -222,9 +222,9 @@ def test_g128_every_scale_and_zero(path):
 
 @pytest.mark.parametrize("gs", [-1, 128])
 def test_split_k_paths_share_a_clean_workspace(gs):
-    """Path 3's split-K (one workspace slice per split), the mma.sync tiles' and the weight
-    streams' atomics all use the one per-device workspace and must leave it zeroed:
-    interleaved calls stay exact.  M = 256 / 64 / 40 at N = K = 4096 split path 3's K."""
+    """Path 3's split-K, the mma.sync tiles' and the weight streams' partial sums all go
+    through the one per-device workspace, and each must leave it zeroed: interleaved calls
+    stay exact.  M = 256 / 64 / 40 at N = K = 4096 split path 3's K."""
     _need_path(3)
     n, k = 4096, 4096
     for m, path in [(256, 3), (8, 1), (64, 3), (2, 5), (40, 3), (16, 6), (256, 3), (12, 1)]:
