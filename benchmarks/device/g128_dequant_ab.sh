@@ -8,8 +8,7 @@ set -eo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
-rm -rf /tmp/old && mkdir -p /tmp/old && tar --exclude=./.devold -cf - . | (cd /tmp/old && tar -xf -)
-(cd .devold && find . -type f | while read f; do cp "$f" "/tmp/old/$f"; done)
+bash benchmarks/device/old_tree.sh
 t=$(date +%s)
 (TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=8 python3 setup.py -q build_ext --inplace > "$OUT/build-new.log" 2>&1; echo "new build rc $?") &
 (cd /tmp/old && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=8 python3 setup.py -q build_ext --inplace > "$OUT/build-old.log" 2>&1; echo "old build rc $?") &

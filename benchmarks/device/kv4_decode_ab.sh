@@ -7,8 +7,7 @@
 set -eo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-rm -rf /tmp/old && mkdir -p /tmp/old && tar --exclude=./.devold --exclude=./.devcarry -cf - . | (cd /tmp/old && tar -xf -)
-(cd .devold && find . -type f | while read f; do cp "$f" "/tmp/old/$f"; done)
+bash benchmarks/device/old_tree.sh
 t=$(date +%s)
 (MAX_JOBS=8 python3 benchmarks/device/build_kv4_lib.py kv4new > "$OUT/log.txt" 2>&1; echo "new build rc $?") &
 (cd /tmp/old && MAX_JOBS=8 python3 benchmarks/device/build_kv4_lib.py kv4old > /tmp/old-build.log 2>&1; echo "old build rc $?") &
