@@ -46,6 +46,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda.h>
@@ -543,13 +545,34 @@ inline CUtensorMap make_x_map(const W4A8Args& a, int bmt) {
   return map;
 }
 
+// VLLM_QOQ_GEMM_P3_OCC (A/B of the small-grid occupancy; read once): "2" = split-K aims at
+// 2 CTAs per SM where two fit (BMT = 64: ~93 registers x 288 threads and 2 x 105 KB of
+// shared memory), "solo" = the BMT = 64 kernel asks for enough shared memory that only one
+// CTA fits on an SM (the split-K grid can then not pile two CTAs onto one SM while others
+// idle); unset or "1" = as before (split-K aims at one CTA per SM, residency left to the
+// hardware).
+inline int p3_occupancy() {  // 1, 2, or 0 = solo
+  static const int v = [] {
+    const char* e = std::getenv("VLLM_QOQ_GEMM_P3_OCC");
+    if (e != nullptr && std::strcmp(e, "2") == 0) return 2;
+    if (e != nullptr && std::strcmp(e, "solo") == 0) return 0;
+    return 1;
+  }();
+  return v;
+}
+
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
 void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   auto kern = w4a8_sm90_kernel<C, G128, OUT, CLUSTER>;
+  // two CTAs fit on an SM only with BMT = 64 (shared memory; registers: 93 x 288 threads)
+  constexpr bool kTwoFit = 2 * (C::SMEM_BYTES + 1024) <= 227 * 1024;
+  const int occ = kTwoFit ? p3_occupancy() : 1;
+  if (occ == 2) ctas_per_sm_target = 2;
+  const int smem = occ == 0 ? 120 * 1024 : C::SMEM_BYTES;  // > half an SM's: one CTA per SM
   static unsigned long long setup_done = 0;  // per instantiation, one bit per device
   const unsigned long long bit = current_device_bit();
   if (!(setup_done & bit)) {
-    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
+    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     setup_done |= bit;
   }
   int tn = (a.N + C::BN - 1) / C::BN;
@@ -573,7 +596,7 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(C::THREADS);
-    cfg.dynamicSmemBytes = C::SMEM_BYTES;
+    cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -584,7 +607,7 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
     cfg.numAttrs = 1;
     QOQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a, xmap, per));
   } else {
-    kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, per);
+    kern<<<grid, C::THREADS, smem, stream>>>(a, xmap, per);
   }
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
