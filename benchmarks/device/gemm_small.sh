@@ -2,10 +2,10 @@
 # The small-grid questions of benchmarks/results/gemm-notes.md (M = 16-256, path 3 split-K),
 # with the GPU's clocks and power sampled throughout (nvidia-smi, 4 Hz) so that each timing
 # phase can be read against them.  Needs no vLLM.  Two steps, back to back on one machine:
-#   bash benchmarks/device/gemm_small.sh time    # builds the tree (and /tmp/old from .devold/
-#                                                # if carried), times the phases below
-#   bash benchmarks/device/gemm_small.sh tests   # GEMM GPU tests (default, P3_OCC=2, solo),
-#                                                # the M = 64/256 phase again, ncu
+#   bash benchmarks/device/gemm_small.sh time    # builds the tree (and, with GS_OLD=1, /tmp/old
+#                                                # from the carried .devold/), times the phases
+#   bash benchmarks/device/gemm_small.sh tests   # GEMM GPU tests (default; split-K ones also
+#                                                # with the A/B switches), ncu of path 3
 # Results under $OUT: phases.txt (one line per phase with its clocks), gemm-*.json.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/gs
@@ -56,7 +56,7 @@ json.dump(d, open(sys.argv[1] + "/gemm-small-phases.json", "w"), indent=1)
 for f in d: os.remove(os.path.join(sys.argv[1], f))
 PY
 }
-SMALL_M=16,32,64
+SMALL_M=16,32,64,256
 SMALL_IMPLS=qoq_chn@3:bf16,qoq_g128@3:bf16
 case "${1:-time}" in
   time)
@@ -70,26 +70,25 @@ case "${1:-time}" in
     fi
     echo "builds took $(( $(date +%s) - t )) s"
     python3 -c "import vllm_qoq.ops as o; print('extension:', o.has_cuda_kernels(), o.extension_error())"
-    phase F0 . -- --models llama3-8b --m 64,256 --impls qoq_chn,fp8
-    phase E . -- --models llama3-8b --m 17,32,48,64,96,128,256,512 --impls qoq_chn,fp8
-    phase F1 . -- --models llama3-8b --m 64,256 --impls qoq_chn,fp8
-    [ "${GS_OLD:-0}" = 1 ] && phase SLICE /tmp/old -- --models llama3-8b --m 64,256 --impls qoq_chn,fp8
-    phase OCC1 . -- --m $SMALL_M --impls $SMALL_IMPLS,fp8
-    phase OCC2 . VLLM_QOQ_GEMM_P3_OCC=2 -- --m $SMALL_M --impls $SMALL_IMPLS
-    phase SOLO . VLLM_QOQ_GEMM_P3_OCC=solo -- --m $SMALL_M --impls $SMALL_IMPLS
+    SM="--m $SMALL_M"
+    phase AUTO . -- $SM --impls $SMALL_IMPLS,qoq_chn,qoq_g128,fp8
+    phase SHARED . VLLM_QOQ_GEMM_P3_OCC=shared -- $SM --impls $SMALL_IMPLS
+    phase SLICES . VLLM_QOQ_GEMM_SPLITK=slices -- $SM --impls $SMALL_IMPLS
+    phase SLICESHARED . VLLM_QOQ_GEMM_SPLITK=slices VLLM_QOQ_GEMM_P3_OCC=shared -- $SM --impls $SMALL_IMPLS
+    phase AUTO2 . -- $SM --impls $SMALL_IMPLS,fp8
+    [ "${GS_OLD:-0}" = 1 ] && phase OLD /tmp/old -- $SM --impls $SMALL_IMPLS
     summary ;;
   tests)
     t=$(date +%s)
     python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "not pingpong" -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/pytest-gemm.txt"
-    for occ in 2 solo; do
-      VLLM_QOQ_GEMM_P3_OCC=$occ python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "split or matches_reference" \
-        -p no:cacheprovider 2>&1 | tail -2 | sed "s/^/P3_OCC=$occ: /" | tee -a "$OUT/pytest-gemm.txt"
+    for e in VLLM_QOQ_GEMM_SPLITK=slices VLLM_QOQ_GEMM_P3_OCC=shared; do
+      env $e python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "split or matches_reference" \
+        -p no:cacheprovider 2>&1 | tail -2 | sed "s/^/$e: /" | tee -a "$OUT/pytest-gemm.txt"
     done
     echo "tests took $(( $(date +%s) - t )) s"
-    phase F2 . -- --models llama3-8b --m 64,256 --impls qoq_chn,fp8
     summary
-    S="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
-    for c in "chn 64 57344 8192 3" "g128 64 57344 8192 3" "chn 64 4096 4096 3"; do
+    S="--section SpeedOfLight --section LaunchStats --section WarpStateStats --section SourceCounters"
+    for c in "chn 64 4096 4096 3" "chn 256 4096 4096 3"; do
       echo "=== $c" >> "$OUT/ncu-small.txt"
       timeout 100 ncu --clock-control none --kernel-name regex:w4a8 --launch-skip 1 --launch-count 1 $S --print-details all \
         python3 benchmarks/device/gemm_once.py $c >> "$OUT/ncu-small.txt" 2>&1 || echo "ncu rc $? for $c"
