@@ -67,28 +67,23 @@ case "${1:-time}" in
     if [ "${GS_OLD:-0}" = 1 ] && [ -d .devold ]; then
       bash benchmarks/device/old_tree.sh
       (cd /tmp/old && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/gs/build-old.log 2>&1) || echo "old build failed"
+      (cd /tmp/old && python3 -c "import vllm_qoq.ops as o, os; print('old extension:', o.has_cuda_kernels(), o.extension_error(), os.path.dirname(o.__file__))")
     fi
     echo "builds took $(( $(date +%s) - t )) s"
     python3 -c "import vllm_qoq.ops as o; print('extension:', o.has_cuda_kernels(), o.extension_error())"
-    SM="--m $SMALL_M"
-    phase AUTO . -- $SM --impls $SMALL_IMPLS,qoq_chn,qoq_g128,fp8
-    phase SHARED . VLLM_QOQ_GEMM_P3_OCC=shared -- $SM --impls $SMALL_IMPLS
-    phase SLICES . VLLM_QOQ_GEMM_SPLITK=slices -- $SM --impls $SMALL_IMPLS
-    phase SLICESHARED . VLLM_QOQ_GEMM_SPLITK=slices VLLM_QOQ_GEMM_P3_OCC=shared -- $SM --impls $SMALL_IMPLS
-    phase AUTO2 . -- $SM --impls $SMALL_IMPLS,fp8
-    [ "${GS_OLD:-0}" = 1 ] && phase OLD /tmp/old -- $SM --impls $SMALL_IMPLS
+    SM="--m 4,8,16,32,64,256"
+    I=qoq_chn@1:bf16,qoq_g128@1:bf16,qoq_chn@3:bf16,qoq_g128@3:bf16,qoq_chn,qoq_g128
+    phase NEW . -- $SM --impls $I,fp8
+    [ "${GS_OLD:-0}" = 1 ] && phase OLD /tmp/old -- $SM --impls $I
+    phase NEW2 . -- $SM --impls $I
+    [ "${GS_OLD:-0}" = 1 ] && phase OLD2 /tmp/old -- $SM --impls $I
     summary ;;
   tests)
     t=$(date +%s)
     python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "not pingpong" -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/pytest-gemm.txt"
-    for e in VLLM_QOQ_GEMM_SPLITK=slices VLLM_QOQ_GEMM_P3_OCC=shared; do
-      env $e python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "split or matches_reference" \
-        -p no:cacheprovider 2>&1 | tail -2 | sed "s/^/$e: /" | tee -a "$OUT/pytest-gemm.txt"
-    done
     echo "tests took $(( $(date +%s) - t )) s"
-    summary
     S="--section SpeedOfLight --section LaunchStats --section WarpStateStats --section SourceCounters"
-    for c in "chn 64 4096 4096 3" "chn 256 4096 4096 3"; do
+    for c in "chn 64 4096 4096 3" "chn 16 4096 4096 1"; do
       echo "=== $c" >> "$OUT/ncu-small.txt"
       timeout 100 ncu --clock-control none --kernel-name regex:w4a8 --launch-skip 1 --launch-count 1 $S --print-details all \
         python3 benchmarks/device/gemm_once.py $c >> "$OUT/ncu-small.txt" 2>&1 || echo "ncu rc $? for $c"

@@ -27,11 +27,10 @@
 // stage holds A (BM x BK int8, 16-byte chunks XOR-swizzled so ldmatrix is conflict-free),
 // B (BN x BK/2 bytes in the 512-byte block order above: a warp's 16-byte loads are one
 // contiguous 512-byte run) and, for g128, the s2/zneg rows of the stage's groups.
-// Across CTAs, stream-K (see the kernel) splits tiles along K: partial int32 sums go into a
-// zeroed workspace with atomics (exact and order-independent); the last CTA of a tile
-// (per-tile counter) reads the sum,
-// zeroes the workspace tile and counter again (self-cleaning: no memset per call, CUDA-graph
-// safe) and runs the epilogue.
+// Across CTAs, stream-K (see the kernel) splits tiles along K: each part of a tile stores its
+// partial int32 sums into its own slice of a zeroed workspace; the last part of a tile
+// (per-tile counter) adds them up (exact and order-independent), zeroes the slices and the
+// counter again (self-cleaning: no memset per call, CUDA-graph safe) and runs the epilogue.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -126,12 +125,13 @@ __device__ __forceinline__ void load_stage(uint8_t* st, const W4A8Args& a, int m
   }
 }
 
-// One segment of the stream-K schedule: output tile `tile`, k-tiles [kb, ke).  When the
-// segment is the whole K range it writes the outputs; otherwise it adds its int32 partial
-// into the workspace and the last of the tile's `parts` segments writes them.
+// One segment of the stream-K schedule: output tile `tile`, k-tiles [kb, ke), part `part` of
+// the tile's `parts`.  When the segment is the whole K range it writes the outputs; otherwise
+// it stores its int32 partial into the workspace (slice `part` of the tile's
+// `slices_per_tile`) and the last of the tile's parts to finish adds them up and writes them.
 template <class C, bool G128, OutKind OUT>
 __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int tile, int kb, int ke,
-                                        int parts) {
+                                        int part, int parts, int slices_per_tile) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int wk = warp / (C::WM * C::WN), wmn = warp % (C::WM * C::WN);
@@ -248,28 +248,29 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
     }
   }
 
-  // ---- inter-CTA split-K: exact int32 atomics, last CTA of the tile finishes.
+  // ---- inter-CTA split-K: part `part` of the tile's `parts` stores its int32 partial, in
+  // register order, into its own slice of the workspace (16-byte stores, coalesced: int4 v of
+  // thread tid at v * T0 + tid), then takes a ticket; the last part adds the other slices to
+  // its registers, zeroes every slice of the tile and the counter again, and finishes.  Exact,
+  // any order.  (Was: int32 atomics of every element; the slices were 1.4-1.6x faster in the
+  // wgmma kernel's split-K, gemm-notes.md, 2026-11-22.)
   if (parts > 1) {
+    constexpr int T0 = 32 * C::WM * C::WN;  // the threads of the wk == 0 warps (tid < T0)
+    constexpr int TILE_INTS = C::BM * C::BN;
+    static_assert(T0 * ACCN == TILE_INTS, "slice layout");
     const int ntiles = tn * ((a.M + C::BM - 1) / C::BM);
-    int32_t* wt = a.workspace + static_cast<int64_t>(tile) * (C::BM * C::BN);
-    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * (C::BM * C::BN)) + tile;
+    auto slice = [&](int p) {
+      return reinterpret_cast<int4*>(a.workspace + (static_cast<int64_t>(tile) * slices_per_tile + p) * TILE_INTS) + tid;
+    };
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * slices_per_tile * TILE_INTS) + tile;
+    auto acc4 = [&](int v) -> int32_t* { return &acc[v / (C::NC * 4)][(v / 4) % C::NC][v % 4][0]; };
     if (wk == 0) {
+      int4* mine = slice(part);
 #pragma unroll
-      for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = wm * C::TM + i * 16 + g + 8 * h;
-          if (m0 + r < a.M) {
-#pragma unroll
-            for (int j = 0; j < C::NC; ++j)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const int c = wn * C::TN + j * 32 + q * 8 + 2 * t;
-                atomicAdd(wt + r * C::BN + c, acc[i][j][q][2 * h]);
-                atomicAdd(wt + r * C::BN + c + 1, acc[i][j][q][2 * h + 1]);
-              }
-          }
-        }
+      for (int v = 0; v < ACCN / 4; ++v) {
+        const int32_t* x = acc4(v);
+        __stcg(mine + v * T0, make_int4(x[0], x[1], x[2], x[3]));
+      }
     }
     __threadfence();
     __syncthreads();
@@ -279,25 +280,23 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
     if (!is_last) return;
     __threadfence();
     if (wk == 0) {
+      const int4 zero = make_int4(0, 0, 0, 0);
+      for (int p = 0; p < parts; ++p) {
+        int4* other = slice(p);
+        if (p != part) {
 #pragma unroll
-      for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = wm * C::TM + i * 16 + g + 8 * h;
-          if (m0 + r < a.M) {
-#pragma unroll
-            for (int j = 0; j < C::NC; ++j)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                const int c = wn * C::TN + j * 32 + q * 8 + 2 * t;
-                int2* p = reinterpret_cast<int2*>(wt + r * C::BN + c);
-                const int2 v = __ldcg(p);
-                __stcg(p, make_int2(0, 0));
-                acc[i][j][q][2 * h] = v.x;
-                acc[i][j][q][2 * h + 1] = v.y;
-              }
+          for (int v = 0; v < ACCN / 4; ++v) {
+            const int4 y = __ldcg(other + v * T0);
+            int32_t* x = acc4(v);
+            x[0] += y.x;
+            x[1] += y.y;
+            x[2] += y.z;
+            x[3] += y.w;
           }
         }
+#pragma unroll
+        for (int v = 0; v < ACCN / 4; ++v) __stcg(other + v * T0, zero);
+      }
     }
     if (tid == 0) *counter = 0;
   }
@@ -322,10 +321,11 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
 
 // Stream-K over the (tile, k-tile) iteration space: CTA b runs iterations [b*per, (b+1)*per)
 // (tile-major), i.e. the tail of one tile, whole tiles, the head of another.  per == k-tiles
-// gives the classic one-tile-per-CTA grid.  Splitting a tile across CTAs costs int32
-// atomics on its BM x BN outputs, so it is used where tiles are small (M <= 64) or too few.
+// gives the classic one-tile-per-CTA grid.  Splitting a tile across CTAs costs a workspace
+// round trip of its BM x BN partials, so it is used where tiles are small (M <= 64) or too few.
 template <class C, bool G128, OutKind OUT>
-__global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a, int per) {
+__global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a, int per,
+                                                                int slices_per_tile) {
   extern __shared__ __align__(128) uint8_t smem[];
   const int kt = (a.K + C::BK - 1) / C::BK;
   const int tiles = ((a.N + C::BN - 1) / C::BN) * ((a.M + C::BM - 1) / C::BM);
@@ -338,7 +338,8 @@ __global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a,
     const int ke = static_cast<int>(min(static_cast<int64_t>(kt), kb + (end - it)));
     const int first = static_cast<int>((static_cast<int64_t>(tile) * kt) / per);
     const int last = static_cast<int>((static_cast<int64_t>(tile + 1) * kt - 1) / per);
-    segment<C, G128, OUT>(a, smem, tile, kb, ke, last - first + 1);
+    segment<C, G128, OUT>(a, smem, tile, kb, ke, static_cast<int>(blockIdx.x) - first, last - first + 1,
+                          slices_per_tile);
     it += ke - kb;
     if (it < end) __syncthreads();  // the next segment refills the pipeline buffers
   }
@@ -364,16 +365,21 @@ void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
   const int kt = (a.K + C::BK - 1) / C::BK;
   const int64_t total = tiles * kt;
   const int64_t slots = static_cast<int64_t>(per_sm) * a.num_sms;
-  const bool ws_ok = a.workspace != nullptr && tiles * (C::BM * C::BN) + tiles <= a.workspace_ints;
   int64_t per = kt;
   // (Balancing over several waves was tried for M <= 16 and lost: a CTA that crosses a tile
   // boundary drains and refills its pipeline, which costs more than the wave tail.)
-  if (ws_ok && stream_k && tiles < slots) {
+  if (a.workspace != nullptr && stream_k && tiles < slots) {
     const int64_t grid_want = slots * ((tiles + slots - 1) / slots);
     per = std::max<int64_t>(std::min<int64_t>(2, kt), (total + grid_want - 1) / grid_want);
   }
+  // a tile is cut into at most ceil(kt / per) + 1 parts, each with its workspace slice (+ a
+  // counter per tile); without room for them, one CTA per tile
+  int64_t slices = std::min<int64_t>(kt, (kt + per - 1) / per + 1);
+  if (per < kt && tiles * slices * (C::BM * C::BN) + tiles > a.workspace_ints) per = kt;
+  if (per >= kt) slices = 1;
   const int64_t grid = (total + per - 1) / per;
-  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, static_cast<int>(per));
+  kern<<<static_cast<unsigned>(grid), C::THREADS, C::SMEM_BYTES, stream>>>(a, static_cast<int>(per),
+                                                                          static_cast<int>(slices));
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -32,8 +32,8 @@
 // still read theirs), issue 4 wgmmas, commit, wait until the previous stage's wgmmas are
 // done, release that stage (`empty` mbarrier).  Dequantization of stage i+1 thus overlaps
 // the tensor-core work of stage i, and loads run STAGES deep.
-// Split-K across CTAs (grid.z) as in the mma.sync path: exact int32 atomics into the
-// self-cleaning workspace, the last CTA of a tile runs the epilogue.
+// Split-K across CTAs (grid.z): each split stores its int32 partial tile into its own slice
+// of the self-cleaning workspace, the last CTA of a tile adds them up and runs the epilogue.
 // Epilogue: through shared memory, so that every warp stores whole 16-byte row segments.
 //
 // ---- Measured (H100, benchmarks/results/gemm-h100-v2-wgmma.md) ----
@@ -46,8 +46,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include <cuda.h>
@@ -300,8 +298,7 @@ __device__ __forceinline__ void store_acc_direct(const W4A8Args& a, const int32_
 
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
 __global__ void __launch_bounds__(288, 1)
-    w4a8_sm90_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int k_tiles_per_split,
-                     bool slices) {
+    w4a8_sm90_kernel(const W4A8Args a, const __grid_constant__ CUtensorMap xmap, int k_tiles_per_split) {
 #if QOQ_HAS_WGMMA
   constexpr int BMT = C::BMT, STAGES = C::STAGES;
   uint8_t* smem = smem_1024();
@@ -423,81 +420,49 @@ __global__ void __launch_bounds__(288, 1)
   // multicast into this CTA was for a stage it consumed, every remote arrive was issued.
   if constexpr (CLUSTER) cluster_sync();
 
-  // ---- split-K across CTAs.  Two reductions (VLLM_QOQ_GEMM_SPLITK, see p3_splitk_slices):
-  // atomics (default): int32 atomics of every element into one zeroed tile, a scalar
-  //   read-back by the tile's last CTA;
-  // slices: each split stores its accumulators, in register order, into its own slice of the
-  //   workspace (16-byte stores: thread tid's q-th int4 at q * 256 + tid, coalesced), and the
-  //   last split of the tile adds the other slices to its registers.
-  // Either way the last CTA zeroes what the tile used and the counter again (the workspace,
-  // shared with the other paths, is all zeros between calls).  Exact int32, any order.
+  // ---- split-K across CTAs.  Each split stores its accumulators, in register order, into
+  // its own slice of the workspace (plain 16-byte stores: thread tid's q-th int4 at
+  // q * 256 + tid, coalesced), then takes a ticket; the last split of the tile adds the other
+  // slices to its registers and zeroes every slice of the tile and the counter again (the
+  // workspace, shared with the other paths, is all zeros between calls).  Exact int32, any
+  // order.  (Was: int32 atomics of every element into one zeroed tile and a scalar read-back:
+  // H100, same build and process, 1.4-1.6x slower at M = 64-256 on the split 8B/70B shapes,
+  // e.g. 4096 x 4096 at M = 64: 20.3 vs 14.2 us; gemm-notes.md, 2026-11-22.)
   const int nrow = cw * 64 + warp * 16 + g;  // channel (within the tile) of acc[.. 2h=0 ..]
   if (gridDim.z > 1) {
-    constexpr int TILE_INTS = BMT * C::BN;  // = 256 consumer threads x BMT / 2
     static_assert(BMT % 8 == 0, "int4 slices");
+    constexpr int TILE_INTS = BMT * C::BN;  // = 256 consumer threads x BMT / 2
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     const int ntiles = gridDim.x * gridDim.y;
-    const int nslices = slices ? static_cast<int>(gridDim.z) : 1;
-    int32_t* wt = a.workspace + static_cast<int64_t>(tile) * TILE_INTS;
-    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(nslices) * ntiles * TILE_INTS) + tile;
     auto slice = [&](int split) {
       return reinterpret_cast<int4*>(a.workspace + (static_cast<int64_t>(split) * ntiles + tile) * TILE_INTS) + tid;
     };
-    if (slices) {
-      int4* mine = slice(blockIdx.z);
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(gridDim.z) * ntiles * TILE_INTS) + tile;
+    int4* mine = slice(blockIdx.z);
 #pragma unroll
-      for (int q = 0; q < BMT / 8; ++q)
-        __stcg(mine + q * 256, make_int4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
-    } else {
-#pragma unroll
-      for (int v = 0; v < BMT / 8; ++v)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ml = 8 * v + 2 * t + e;
-          if (m0 + ml < a.M) {
-            atomicAdd(wt + ml * C::BN + nrow, acc[4 * v + e]);
-            atomicAdd(wt + ml * C::BN + nrow + 8, acc[4 * v + 2 + e]);
-          }
-        }
-    }
+    for (int q = 0; q < BMT / 8; ++q)
+      __stcg(mine + q * 256, make_int4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
     __threadfence();
     consumer_bar();
     if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1);
     consumer_bar();
     if (!is_last) return;
     __threadfence();
-    if (slices) {
-      const int4 zero = make_int4(0, 0, 0, 0);
-      for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) {
-        int4* other = slice(sp);
-        if (sp != static_cast<int>(blockIdx.z)) {
+    const int4 zero = make_int4(0, 0, 0, 0);
+    for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) {
+      int4* other = slice(sp);
+      if (sp != static_cast<int>(blockIdx.z)) {
 #pragma unroll
-          for (int q = 0; q < BMT / 8; ++q) {
-            const int4 v = __ldcg(other + q * 256);
-            acc[4 * q] += v.x;
-            acc[4 * q + 1] += v.y;
-            acc[4 * q + 2] += v.z;
-            acc[4 * q + 3] += v.w;
-          }
+        for (int q = 0; q < BMT / 8; ++q) {
+          const int4 v = __ldcg(other + q * 256);
+          acc[4 * q] += v.x;
+          acc[4 * q + 1] += v.y;
+          acc[4 * q + 2] += v.z;
+          acc[4 * q + 3] += v.w;
         }
-#pragma unroll
-        for (int q = 0; q < BMT / 8; ++q) __stcg(other + q * 256, zero);
       }
-    } else {
 #pragma unroll
-      for (int v = 0; v < BMT / 8; ++v)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ml = 8 * v + 2 * t + e;
-          if (m0 + ml < a.M) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              int32_t* p = wt + ml * C::BN + nrow + 8 * h;
-              acc[4 * v + 2 * h + e] = __ldcg(p);
-              __stcg(p, 0);
-            }
-          }
-        }
+      for (int q = 0; q < BMT / 8; ++q) __stcg(other + q * 256, zero);
     }
     if (tid == 0) *counter = 0;
   }
@@ -585,51 +550,13 @@ inline CUtensorMap make_x_map(const W4A8Args& a, int bmt) {
   return map;
 }
 
-// Residency of the BMT = 64 kernel, the only one of which two CTAs fit on an SM (~93
-// registers x 288 threads, 2 x 105 KB of shared memory).  A grid that fits in one wave --
-// every split-K grid -- launches asking for 120 KB of shared memory, so that no SM takes two
-// of its CTAs while others idle: H100, M = 32-64 on the 8B shapes, 1.05-1.17x faster than
-// leaving the placement to the hardware (benchmarks/results/gemm-notes.md, 2026-11-22);
-// larger grids keep two CTAs per SM (one per SM was up to 1.2x slower there).
-// VLLM_QOQ_GEMM_P3_OCC (A/B; read once): "auto" (default) as above, "shared" = never pad,
-// "solo" = always pad, "2" = split-K aims at 2 CTAs per SM (measured slower).
-enum class P3Occ { Auto, Shared, Solo, Two };
-inline P3Occ p3_occupancy() {
-  static const P3Occ v = [] {
-    const char* e = std::getenv("VLLM_QOQ_GEMM_P3_OCC");
-    if (e == nullptr) return P3Occ::Auto;
-    if (std::strcmp(e, "shared") == 0) return P3Occ::Shared;
-    if (std::strcmp(e, "solo") == 0) return P3Occ::Solo;
-    if (std::strcmp(e, "2") == 0) return P3Occ::Two;
-    return P3Occ::Auto;
-  }();
-  return v;
-}
-
-// VLLM_QOQ_GEMM_SPLITK=slices|atomics: path 3's split-K reduction (default atomics; A/B
-// only); read once.
-inline bool p3_splitk_slices() {
-  static const bool v = [] {
-    const char* e = std::getenv("VLLM_QOQ_GEMM_SPLITK");
-    return e != nullptr && std::strcmp(e, "slices") == 0;
-  }();
-  return v;
-}
-
 template <class C, bool G128, OutKind OUT, bool CLUSTER>
 void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   auto kern = w4a8_sm90_kernel<C, G128, OUT, CLUSTER>;
-  // two CTAs fit on an SM only with BMT = 64 (see p3_occupancy)
-  constexpr bool kTwoFit = 2 * (C::SMEM_BYTES + 1024) <= 227 * 1024;
-  constexpr int kSoloSmem = 120 * 1024;  // more than half an SM's: one CTA per SM
-  static_assert(!kTwoFit || kSoloSmem >= C::SMEM_BYTES, "solo padding");
-  const P3Occ occ = kTwoFit ? p3_occupancy() : P3Occ::Shared;
-  if (occ == P3Occ::Two) ctas_per_sm_target = 2;
   static unsigned long long setup_done = 0;  // per instantiation, one bit per device
   const unsigned long long bit = current_device_bit();
   if (!(setup_done & bit)) {
-    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        kTwoFit ? kSoloSmem : C::SMEM_BYTES));
+    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES));
     setup_done |= bit;
   }
   int tn = (a.N + C::BN - 1) / C::BN;
@@ -637,28 +564,24 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
   const int tm = (a.M + C::BMT - 1) / C::BMT;
   const int kt = (a.K + C::BK - 1) / C::BK;
   const int64_t tiles = static_cast<int64_t>(tn) * tm;
-  const bool slices = p3_splitk_slices();
   const int64_t target = static_cast<int64_t>(ctas_per_sm_target) * a.num_sms;
   int splits = 1;
   if (tiles < target && a.workspace != nullptr) {
-    // one wave: tiles * splits <= CTA slots; at least 3 k-tiles per split; the workspace
-    // holds one tile per split (slices) or one in all (atomics), + a counter per tile
+    // one wave: tiles * splits <= CTA slots; at least 3 k-tiles per split; one workspace
+    // slice per split (+ a counter per tile)
     const int64_t fit = (a.workspace_ints - tiles) / (tiles * (C::BMT * C::BN));
-    splits = static_cast<int>(std::min<int64_t>(target / tiles, 16));
+    splits = static_cast<int>(std::min<int64_t>(std::min<int64_t>(target / tiles, 16), fit));
     splits = std::max(1, std::min(splits, kt / 3));
-    if (fit < (slices ? splits : 1)) splits = slices ? static_cast<int>(std::max<int64_t>(1, fit)) : 1;
   }
   const int per = (kt + splits - 1) / splits;
   splits = (kt + per - 1) / per;
   dim3 grid(tn, tm, splits);
-  const bool solo = occ == P3Occ::Solo || (occ == P3Occ::Auto && tiles * splits <= a.num_sms);
-  const int smem = solo ? kSoloSmem : C::SMEM_BYTES;
   const CUtensorMap xmap = make_x_map(a, CLUSTER ? C::BMT / 2 : C::BMT);
   if constexpr (CLUSTER) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(C::THREADS);
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = C::SMEM_BYTES;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -667,9 +590,9 @@ void launch(const W4A8Args& a, int ctas_per_sm_target, cudaStream_t stream) {
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    QOQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a, xmap, per, slices));
+    QOQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a, xmap, per));
   } else {
-    kern<<<grid, C::THREADS, smem, stream>>>(a, xmap, per, slices);
+    kern<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a, xmap, per);
   }
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
