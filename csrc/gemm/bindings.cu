@@ -109,8 +109,10 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // returns 1, 3, 4, 5, 6 or 7 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2 per-channel, 4 g128;
 // at most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off for
-// per-channel, 16 for g128; at most 32); 0 turns either off.  Defaults from the H100
-// sweeps in benchmarks/results/gemm-notes.md (gemm-h100-{gemv,mmv,mmv2}-sweep.md).
+// per-channel, 8 for g128; at most 32); 0 turns either off.  Defaults from the H100
+// sweeps in benchmarks/results/gemm-notes.md (gemm-h100-{gemv,mmv,mmv2}-sweep.md; g128 MMV
+// up to 8, not 16, since path 1's split-K went through workspace slices: at M = 16 path 1
+// was 1.16x faster geomean over the 8B/70B shapes, gemm-h100-splitk-slices.json).
 int env_int(const char* name, int dflt, int hi) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0') return dflt;  // unset: the per-variant default
@@ -122,7 +124,7 @@ int gemv_max_m(bool g128) {
 }
 int mmv_max_m(bool g128) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
-  return v >= 0 ? v : (g128 ? 16 : 0);
+  return v >= 0 ? v : (g128 ? 8 : 0);
 }
 // The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
 // 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
