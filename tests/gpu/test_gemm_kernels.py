@@ -505,7 +505,9 @@ def test_wgmma_kernels_present_on_hopper():
     assert torch.ops.qoq_debug.sm90_available()
 
 
-@pytest.mark.parametrize("m", [1, 12, 100])  # split-K in the GEMV (1), MMV (12), wgmma (100)
+# split-K in the GEMV (1), the MMV (8), the mma.sync stream-K (12: g128 goes to path 1 above
+# M = 8), the wgmma tiles (100)
+@pytest.mark.parametrize("m", [1, 8, 12, 100])
 def test_split_k_workspace_self_cleans_and_graph_replay(m):
     n, k = 4096, 4096
     q = _weights(n, k, 128, 11)
