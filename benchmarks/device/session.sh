@@ -5,6 +5,10 @@
 #   bash benchmarks/device/session.sh build          # CUDA extension for sm_90a + entry point
 #   bash benchmarks/device/session.sh <cmd...>       # anything else, with the environment set
 # Carry .devdata (a copy of ../shared/data: sotu/ and wikitext-2-raw/) in the calls that need data.
+# The vLLM tests need it too (tests/test_vllm_e2e.py, test_vllm_gpu_kv4_with_cuda_graphs: the
+# tiny test model's tokenizer is trained on sotu/). Write long outputs to $OUT or /tmp and
+# print a summary, rather than piping a long command through `tail`: a call that times out
+# returns nothing of a pipe.
 # Results go under $OUT (the device tool brings them back).
 set -eo pipefail
 export PYTHONPATH=$(pwd):/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0
