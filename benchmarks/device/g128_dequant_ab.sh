@@ -8,14 +8,7 @@ set -eo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
-bash benchmarks/device/old_tree.sh
-t=$(date +%s)
-(TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=8 python3 setup.py -q build_ext --inplace > "$OUT/build-new.log" 2>&1; echo "new build rc $?") &
-(cd /tmp/old && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=8 python3 setup.py -q build_ext --inplace > "$OUT/build-old.log" 2>&1; echo "old build rc $?") &
-wait
-echo "builds took $(( $(date +%s) - t )) s"
-python3 -c "import vllm_qoq.ops as o; print('new extension:', o.has_cuda_kernels(), o.extension_error())"
-(cd /tmp/old && python3 -c "import vllm_qoq.ops as o; print('old extension:', o.has_cuda_kernels(), o.extension_error())")
+LOGS="$OUT" bash benchmarks/device/build_trees.sh
 t=$(date +%s)
 python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py -k "not pingpong" -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/pytest-gemm.txt"
 VLLM_QOQ_GEMM_P7_SCHEDULE=pingpong python3 -m pytest -q -x tests/gpu/test_gemm_kernels.py \

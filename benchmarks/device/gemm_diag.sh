@@ -1,5 +1,7 @@
 # Per-channel qoq vs FP8 on the Llama-3-8B shapes at M = 64 and 256, each variant in its own
-# process (the small-grid timing question in benchmarks/results/gemm-notes.md).
+# process (the small-grid timing question in benchmarks/results/gemm-notes.md; answered
+# 2026-11-22 by gemm_small.sh: the fast numbers were the split-K workspace slices).  Kept to
+# reproduce the numbers recorded with it.
 #   bash benchmarks/device/gemm_diag.sh impls   # same M list, other impl sets and quant rows
 #   bash benchmarks/device/gemm_diag.sh mlist   # same impls, M list 17..512 vs 64,256
 set -o pipefail

@@ -3,9 +3,9 @@
 # with the GPU's clocks and power sampled throughout (nvidia-smi, 4 Hz) so that each timing
 # phase can be read against them.  Needs no vLLM.  Two steps, back to back on one machine:
 #   bash benchmarks/device/gemm_small.sh time    # builds the tree (and, with GS_OLD=1, /tmp/old
-#                                                # from the carried .devold/), times the phases
-#   bash benchmarks/device/gemm_small.sh tests   # GEMM GPU tests (default; split-K ones also
-#                                                # with the A/B switches), ncu of path 3
+#                                                # from the carried .devold/: build_trees.sh),
+#                                                # times paths 1/3 and the defaults at M = 4-256
+#   bash benchmarks/device/gemm_small.sh tests   # GEMM GPU tests, ncu of paths 3 and 1
 # Results under $OUT: phases.txt (one line per phase with its clocks), gemm-*.json.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/gs
@@ -56,21 +56,11 @@ json.dump(d, open(sys.argv[1] + "/gemm-small-phases.json", "w"), indent=1)
 for f in d: os.remove(os.path.join(sys.argv[1], f))
 PY
 }
-SMALL_M=16,32,64,256
-SMALL_IMPLS=qoq_chn@3:bf16,qoq_g128@3:bf16
 case "${1:-time}" in
   time)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/device.txt"
-    t=$(date +%s)
-    # one build at a time (two in parallel took over 10 minutes); /tmp/old only with GS_OLD=1
-    TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/gs/build-new.log 2>&1 || echo "new build failed"
-    if [ "${GS_OLD:-0}" = 1 ] && [ -d .devold ]; then
-      bash benchmarks/device/old_tree.sh
-      (cd /tmp/old && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/gs/build-old.log 2>&1) || echo "old build failed"
-      (cd /tmp/old && python3 -c "import vllm_qoq.ops as o, os; print('old extension:', o.has_cuda_kernels(), o.extension_error(), os.path.dirname(o.__file__))")
-    fi
-    echo "builds took $(( $(date +%s) - t )) s"
-    python3 -c "import vllm_qoq.ops as o; print('extension:', o.has_cuda_kernels(), o.extension_error())"
+    # the old side (phases OLD, OLD2) only with GS_OLD=1 and .devold/ carried
+    LOGS=/tmp/gs BUILD_OLD=${GS_OLD:-0} bash benchmarks/device/build_trees.sh
     SM="--m 4,8,16,32,64,256"
     I=qoq_chn@1:bf16,qoq_g128@1:bf16,qoq_chn@3:bf16,qoq_g128@3:bf16,qoq_chn,qoq_g128
     phase NEW . -- $SM --impls $I,fp8
