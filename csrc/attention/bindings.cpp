@@ -80,6 +80,9 @@ void kv4_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   TORCH_CHECK(hq % hkv == 0, "qoq KV4: ", hq, " query heads are not a multiple of ", hkv, " KV heads");
   const int64_t bs = kv_cache.size(3) / (D / 2 + 4);
   TORCH_CHECK(bs % 16 == 0, "qoq KV4 attention: block_size must be a multiple of 16, got ", bs);
+  TORCH_CHECK(2 * hkv * bs * (D / 2 + 4) <= INT32_MAX, "qoq KV4 attention: one cache block holds ",
+              2 * hkv * bs * (D / 2 + 4), " bytes; the kernel addresses blocks with 32-bit offsets "
+              "(at most 2^31 - 1 bytes): use a smaller block_size");
   for (const at::Tensor* t : {&block_table, &seq_lens, &query_start_loc}) {
     TORCH_CHECK(t->scalar_type() == at::kInt, "qoq KV4: block_table/seq_lens/query_start_loc must be int32");
   }

@@ -8,8 +8,10 @@
 //   grid = (num_splits, Hkv * row_tiles, B); a CTA owns one row tile and one split of
 //   the keys; its 4 warps take the 16-key tiles of the split round-robin, each keeping
 //   an online softmax, and merge through shared memory at the end.  Each warp streams
-//   its tiles through a 4-stage cp.async ring in shared memory (3 tiles in flight, no
-//   registers held by loads); block-table entries are read one iteration ahead.  With
+//   its tiles through a 5-stage cp.async ring in shared memory and consumes them two at
+//   a time (one softmax update per 32 keys) while 3 more are in flight (no registers
+//   held by loads); block-table entries are read one iteration ahead.  Decode rows (at
+//   most 8: G <= 8, one token) accumulate O^T = V^T P^T (see acc).  With
 //   num_splits > 1 (long decode contexts, few rows) CTAs write (o, lse) partials that
 //   kv4_combine_kernel merges.  The launch shape depends on host values only
 //   (B, max_query_len, num_splits): CUDA-graph safe; lengths come from device memory.
@@ -78,6 +80,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -111,6 +114,7 @@ constexpr int kDenseBlocks128 = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 // the V bias is folded into the accumulators at least every kFoldTiles tiles of a warp
 constexpr int kFoldTiles = 8;
+static_assert((kFoldTiles & (kFoldTiles - 1)) == 0 && kFoldTiles >= 2, "the key loop folds on tile pairs");
 
 // ---- element-type traits ------------------------------------------------------------
 // (w & MASK) | MAGIC: two codes as biased 16-bit operands (see the header comment).  One
@@ -198,46 +202,41 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return r;
 }
 
-// Raw bytes of one 16-key tile that this thread needs (see the header comment).
-template <int D>
-struct TileRegs {
-  static constexpr int KW = D / 32;  // K words per key (thread's segment)
-  static constexpr int VW = D / 64;  // V words per key
-  uint32_t k[2][KW];                 // keys g, 8+g
-  uint32_t v[4][VW];                 // keys 2c, 2c+1, 2c+8, 2c+9
-  uint2 ksz[2], vsz[2];              // (scale, zero) of keys (2c, 2c+1), (2c+8, 2c+9)
-};
-
 // ---- cp.async staging.  A warp streams its 16-key tiles through a ring of kStages
 // shared-memory stages (loads in flight without registers); stage layout:
 //   [K codes 16 x D/2][V codes 16 x D/2][K (scale, zero) 16 x 4][V (scale, zero) 16 x 4]
-constexpr int kStages = 4;
+// The key loop consumes two tiles per iteration while kAhead more are in flight.
+constexpr int kStages = 5;
+constexpr int kAhead = kStages - 2;
 template <int D>
 constexpr int stage_bytes() { return 32 * (D / 2) + 128; }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+// 16 bytes global -> shared; the constant offsets ride in the instruction's immediates
+template <int SOFF, int GOFF>
+__device__ __forceinline__ void cp_async16(uint32_t smem, const uint8_t* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(smem), "l"(gmem), "n"(SOFF),
+               "n"(GOFF));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Copy one tile (16 keys from offset `off` of the page regions) into a stage.
+// Copy one tile into a stage.  st: the stage's shared address + 16 * lane; kc / vc: the
+// tile's first K / V code byte + 16 * lane (a side's 16 keys are D/2 16-byte chunks, lane
+// takes chunks lane and lane + 32); sz: this lane's 16 bytes of (scale, zero) pairs
+// (lanes 0-3 K, 4-7 V: the stage's last 128 bytes in lane order).
 template <int D>
-__device__ __forceinline__ void stage_tile(uint8_t* st, const uint8_t* kreg, const uint8_t* vreg,
-                                           int off, int bs, int lane) {
-  constexpr int CB = D / 2;  // code bytes per key; a side's 16 keys are CB 16-byte chunks
-#pragma unroll
-  for (int i = lane; i < CB; i += 32) {
-    cp_async16(st + 16 * i, kreg + off * CB + 16 * i);
-    cp_async16(st + 16 * CB + 16 * i, vreg + off * CB + 16 * i);
+__device__ __forceinline__ void stage_tile(uint32_t st, const uint8_t* kc, const uint8_t* vc,
+                                           const uint8_t* sz, int lane) {
+  constexpr int CB = D / 2;
+  static_assert(CB == 32 || CB == 64, "one or two chunks per lane and side");
+  cp_async16<0, 0>(st, kc);
+  cp_async16<16 * CB, 0>(st, vc);
+  if constexpr (CB == 64) {
+    cp_async16<512, 512>(st, kc);
+    cp_async16<16 * CB + 512, 512>(st, vc);
   }
-  if (lane < 4) {
-    cp_async16(st + 32 * CB + 16 * lane, kreg + bs * CB + 4 * off + 16 * lane);
-  } else if (lane < 8) {
-    cp_async16(st + 32 * CB + 64 + 16 * (lane - 4), vreg + bs * CB + 4 * off + 16 * (lane - 4));
-  }
+  if (lane < 8) cp_async16<32 * CB, 0>(st, sz);
 }
 
 template <int BYTES>
@@ -254,28 +253,14 @@ __device__ __forceinline__ void lds_words(uint32_t* dst, const uint8_t* src) {
   }
 }
 
-// This thread's fragment bytes of a staged tile (same pattern as load_tile from global).
-template <int D>
-__device__ __forceinline__ void load_stage(TileRegs<D>& r, const uint8_t* st, int g, int c) {
-  constexpr int CB = D / 2;
-  lds_words<D / 8>(r.k[0], st + g * CB + c * (D / 8));
-  lds_words<D / 8>(r.k[1], st + (8 + g) * CB + c * (D / 8));
-  const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) lds_words<D / 16>(r.v[i], st + 16 * CB + keys[i] * CB + g * (D / 16));
-  r.ksz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 8 * c);
-  r.ksz[1] = *reinterpret_cast<const uint2*>(st + 32 * CB + 32 + 8 * c);
-  r.vsz[0] = *reinterpret_cast<const uint2*>(st + 32 * CB + 64 + 8 * c);
-  r.vsz[1] = *reinterpret_cast<const uint2*>(st + 32 * CB + 96 + 8 * c);
-}
-
 __device__ __forceinline__ float2 scale_min(uint32_t sz) {  // (scale, zero) -> (s, -zero*s)
   const float2 f = __half22float2(*reinterpret_cast<half2*>(&sz));
   return make_float2(f.x, -f.y * f.x);
 }
 
 // R2: the row tile may use rows g+8 (more than 8 rows: G > 8 or several query tokens);
-// decode with G <= 8 skips their softmax work (their Q and P fragments stay zero).
+// decode with G <= 8 skips their softmax work (their Q and P fragments stay zero) and
+// accumulates O transposed (see acc below).
 template <typename T, int D, bool R2, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs a) {
   using Tr = Traits<T>;
@@ -292,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   auto frag_s = reinterpret_cast<float4 (*)[NT][32]>(smem_raw);
   auto o_s = reinterpret_cast<float (*)[D + 1]>(smem_raw + kWarps * NT * 32 * 16);
   __shared__ float m_s[kWarps][16], lw_s[kWarps][16], mvw_s[kWarps][16];
-  __shared__ float l_s[16], mx_s[16];
+  __shared__ float l_s[16], mx_s[16], mvs_s[16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
@@ -366,24 +351,45 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   const int t_end = min(ntiles, t_begin + per_split);
 
   const int bs = a.block_size;
-  const int64_t region = (int64_t)bs * (D / 2 + 4);
+  constexpr int CB = D / 2;  // code bytes per key
+  const int region = bs * (CB + 4);  // bytes of one (block, K|V, head); fits: host checks
+  const int page_stride = 2 * a.num_kv_heads * region;  // bytes of one block (host: < 2^31)
+  const int v_off = a.num_kv_heads * region;            // K region -> V region of a block
+  const uint8_t* head_k = a.cache + (int64_t)kvh * region;  // K region of block 0, this head
+  const int lane_sz = bs * CB + 16 * (lane & 3) + (lane < 4 ? 0 : v_off);  // this lane's pairs
   const int32_t* btab = a.block_table + (int64_t)b * a.bt_stride;
   const float qk_scale = a.scale * kLog2e;
 
-  float acc[NT][4];
+  // O accumulators.  R2: O = P V, n-tile i = dims n * D/8 + i; acc[i] = rows g (0, 1) and
+  // g+8 (2, 3), columns 2c, 2c+1.  Otherwise (<= 8 rows) O^T = V^T P^T, so that the mma's
+  // 16 M rows are 16 dims instead of 8 live query rows: half the mmas and half the
+  // accumulator registers.  m-tile j = dims g*D/8 + 2j (its row g) and g*D/8 + 2j + 1 (row
+  // g+8); acc[j] = query rows 2c, 2c+1 of the first dim (0, 1) and of the second (2, 3).
+  // The V fragment registers are the same either way (bl/bh in pv), and P' from the S
+  // accumulators is the B operand (P^T) as it was the A operand (P).
+  constexpr int NA = R2 ? NT : NT / 2;
+  float acc[NA][4];
 #pragma unroll
-  for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int i = 0; i < NA; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f, mv0 = 0.f, mv1 = 0.f;
-  // PS: M * sum of the P' whose bias is still in acc; rows g ([0], [1]) and g+8 ([2], [3])
+  // PS: M * sum of the P' whose bias is still in acc, in acc's layout: R2 rows g ([0], [1])
+  // and g+8 ([2], [3]); otherwise rows 2c ([0], [2]) and 2c+1 ([1], [3])
   float ps[4] = {0.f, 0.f, 0.f, 0.f};
 
-
-
-  // One 16-key tile: scores, online softmax, P V.  fold: fold the V bias now.
-  auto process = [&](const TileRegs<D>& cur, const int t, const bool fold) {
-    // S = Q K^T for keys [0, 8) and [8, 16) of the tile; even and odd k-steps go to
-    // separate accumulators so four independent mma chains overlap their latency.  One
-    // chain starts at -B_q: s + s2 = q . c.
+  // Logits of one tile (log2 domain, masked) and its keys' V (scale, min).  Keys of this
+  // thread: 2c, 2c+1 (n-tile 0) and 8+2c, 9+2c (n-tile 1); rows r0 (x[.][0..1]) and r1
+  // (x[.][2..3]).
+  struct Scores {
+    float x[2][4];
+    float vs[2][2], vm[2][2];
+  };
+  // S = Q K^T of a staged tile (keys [0, 8) and [8, 16)); even and odd k-steps go to
+  // separate accumulators so four independent mma chains overlap their latency.  One chain
+  // starts at -B_q: s + s2 = q . c.
+  auto score = [&](const uint8_t* st, const int t, Scores& o) {
+    uint32_t kw[2][KW];
+    lds_words<D / 8>(kw[0], st + g * CB + c * (D / 8));
+    lds_words<D / 8>(kw[1], st + (8 + g) * CB + c * (D / 8));
     float s[2][4], s2[2][4];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
@@ -396,161 +402,236 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         uint32_t bk[4];
-        Tr::codes(cur.k[n][j / 2], bk);
+        Tr::codes(kw[n][j / 2], bk);
         Tr::mma(s[n], qa[j], bk[0], bk[1]);
         Tr::mma(s2[n], qa[j + 1], bk[2], bk[3]);
       }
     }
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      s[n][0] += s2[n][0];
-      s[n][1] += s2[n][1];
-      s[n][2] += s2[n][2];
-      s[n][3] += s2[n][3];
-    }
-    // logits, masks, online softmax (log2 domain).  Keys of this thread: 2c, 2c+1
-    // (n-tile 0) and 8+2c, 9+2c (n-tile 1); rows r0 (s[.][0..1]) and r1 (s[.][2..3]).
     const int kbase = t * 16;
-    float x[2][4];
-    float vs[2][2], vm[2][2];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      const float2 ka = scale_min(cur.ksz[n].x), kb = scale_min(cur.ksz[n].y);
-      const float2 va = scale_min(cur.vsz[n].x), vb = scale_min(cur.vsz[n].y);
+      // (scale, zero) of keys (8n + 2c, 8n + 2c + 1), K and V
+      const uint2 ksz = *reinterpret_cast<const uint2*>(st + 32 * CB + 32 * n + 8 * c);
+      const uint2 vsz = *reinterpret_cast<const uint2*>(st + 32 * CB + 64 + 32 * n + 8 * c);
+      const float2 ka = scale_min(ksz.x), kb = scale_min(ksz.y);
+      const float2 va = scale_min(vsz.x), vb = scale_min(vsz.y);
       const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
-      x[n][0] = key0 < end0 ? (ka.x * s[n][0] + ka.y * qsum0) * qk_scale : -INFINITY;
-      x[n][1] = key1 < end0 ? (kb.x * s[n][1] + kb.y * qsum0) * qk_scale : -INFINITY;
+      o.x[n][0] = key0 < end0 ? (ka.x * (s[n][0] + s2[n][0]) + ka.y * qsum0) * qk_scale : -INFINITY;
+      o.x[n][1] = key1 < end0 ? (kb.x * (s[n][1] + s2[n][1]) + kb.y * qsum0) * qk_scale : -INFINITY;
       if constexpr (R2) {
-        x[n][2] = key0 < end1 ? (ka.x * s[n][2] + ka.y * qsum1) * qk_scale : -INFINITY;
-        x[n][3] = key1 < end1 ? (kb.x * s[n][3] + kb.y * qsum1) * qk_scale : -INFINITY;
+        o.x[n][2] = key0 < end1 ? (ka.x * (s[n][2] + s2[n][2]) + ka.y * qsum1) * qk_scale : -INFINITY;
+        o.x[n][3] = key1 < end1 ? (kb.x * (s[n][3] + s2[n][3]) + kb.y * qsum1) * qk_scale : -INFINITY;
       }
       const bool in0 = key0 < kv_hi, in1 = key1 < kv_hi;  // stale page bytes beyond: zero
-      vs[n][0] = in0 ? va.x : 0.f;
-      vm[n][0] = in0 ? va.y : 0.f;
-      vs[n][1] = in1 ? vb.x : 0.f;
-      vm[n][1] = in1 ? vb.y : 0.f;
+      o.vs[n][0] = in0 ? va.x : 0.f;
+      o.vm[n][0] = in0 ? va.y : 0.f;
+      o.vs[n][1] = in1 ? vb.x : 0.f;
+      o.vm[n][1] = in1 ? vb.y : 0.f;
     }
-    float tm0 = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
+  };
+
+  // O += P' V of a staged tile, PS += its bias.  p: the tile's probabilities.
+  auto pv = [&](const uint8_t* st, const float (&p)[2][4], const Scores& sc) {
+    // P' = p * s_v as the A fragment (keys 2c,2c+1 | 2c+8,2c+9)
+    uint32_t pa[4] = {0u, 0u, 0u, 0u};
+    pa[0] = Tr::pack(p[0][0] * sc.vs[0][0], p[0][1] * sc.vs[0][1]);
+    pa[2] = Tr::pack(p[1][0] * sc.vs[1][0], p[1][1] * sc.vs[1][1]);
+    if constexpr (R2) {
+      pa[1] = Tr::pack(p[0][2] * sc.vs[0][0], p[0][3] * sc.vs[0][1]);
+      pa[3] = Tr::pack(p[1][2] * sc.vs[1][0], p[1][3] * sc.vs[1][1]);
+    }
+    // PS += M * sum_k P' (in every column / row): the bias this tile's mmas add to acc
+    if constexpr (R2) {
+      Tr::mma(ps, pa, Tr::kMagic, Tr::kMagic);
+    } else {
+      const uint32_t mg[4] = {Tr::kMagic, Tr::kMagic, Tr::kMagic, Tr::kMagic};
+      Tr::mma(ps, mg, pa[0], pa[2]);
+    }
+    // O += P' (M + u C_v): V codes of keys 2c, 2c+1, 2c+8, 2c+9, bytes [g*D/16, (g+1)*D/16),
+    // key pairs interleaved per byte by PRMT
+    constexpr int VW = D / 64;
+    uint32_t v[4][VW];
+    const int keys[4] = {2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) lds_words<D / 16>(v[k], st + 16 * CB + keys[k] * CB + g * (D / 16));
+#pragma unroll
+    for (int wi = 0; wi < VW; ++wi) {
+#pragma unroll
+      for (int hb = 0; hb < 2; ++hb) {  // bytes 0-1 (nibbles e0..e3) or 2-3 (e4..e7)
+        const uint32_t sel = hb ? 0x7632u : 0x5410u;
+        const uint32_t lo = prmt(v[0][wi], v[1][wi], sel);  // keys 2c | 2c+1
+        const uint32_t hi = prmt(v[2][wi], v[3][wi], sel);  // keys 2c+8 | 2c+9
+        uint32_t bl[4], bh[4];
+        Tr::codes(lo, bl);
+        Tr::codes(hi, bh);
+        // bl[e] / bh[e]: keys (2c, 2c+1) / (2c+8, 2c+9) of dim g*D/8 + wi*8 + hb*4 + e
+        if constexpr (R2) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = wi * 8 + hb * 4 + e;  // n-tile
+            Tr::mma(acc[i], pa, bl[e], bh[e]);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; e += 2) {
+            const int j = wi * 4 + hb * 2 + e / 2;  // m-tile
+            const uint32_t av[4] = {bl[e], bl[e + 1], bh[e], bh[e + 1]};
+            Tr::mma(acc[j], av, pa[0], pa[2]);
+          }
+        }
+      }
+    }
+  };
+
+  // N (1 or 2) staged tiles t[0..N) of stages st[0..N): scores, one online-softmax update
+  // over all N x 16 keys (one running-max step, one rescale branch), then P V.  fold: fold
+  // the V bias now.  Two tiles per step halve the softmax bookkeeping per key and give the
+  // warp two independent S chains to interleave.
+  auto step = [&](auto ntag, const uint8_t* const (&st)[2], const int (&t)[2], const bool fold) {
+    constexpr int N = decltype(ntag)::value;
+    Scores sc[N];
+#pragma unroll
+    for (int u = 0; u < N; ++u) score(st[u], t[u], sc[u]);
+    float tm0 = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < N; ++u)
+      tm0 = fmaxf(tm0, fmaxf(fmaxf(sc[u].x[0][0], sc[u].x[0][1]), fmaxf(sc[u].x[1][0], sc[u].x[1][1])));
     tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 1));
     tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 2));
     const float mn0 = fmaxf(m0, tm0);
     const float base0 = mn0 == -INFINITY ? 0.f : mn0;
     const float al0 = exp2f(m0 - base0);  // m = -inf -> 0
     m0 = mn0;
-    float p[2][4];
+    float p[N][2][4];
+    float ls0 = 0.f, ms0 = 0.f;
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      p[n][0] = exp2f(x[n][0] - base0);
-      p[n][1] = exp2f(x[n][1] - base0);
+    for (int u = 0; u < N; ++u) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        p[u][n][0] = exp2f(sc[u].x[n][0] - base0);
+        p[u][n][1] = exp2f(sc[u].x[n][1] - base0);
+        ls0 += p[u][n][0] + p[u][n][1];
+        ms0 += p[u][n][0] * sc[u].vm[n][0] + p[u][n][1] * sc[u].vm[n][1];
+      }
     }
-    l0 = l0 * al0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
-    mv0 = mv0 * al0 + (p[0][0] * vm[0][0] + p[0][1] * vm[0][1] + p[1][0] * vm[1][0] +
-                       p[1][1] * vm[1][1]);
-    float al1 = 1.f;
+    l0 = l0 * al0 + ls0;
+    mv0 = mv0 * al0 + ms0;
+    [[maybe_unused]] float al1 = 1.f;
     if constexpr (R2) {
-      float tm1 = fmaxf(fmaxf(x[0][2], x[0][3]), fmaxf(x[1][2], x[1][3]));
+      float tm1 = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < N; ++u)
+        tm1 = fmaxf(tm1, fmaxf(fmaxf(sc[u].x[0][2], sc[u].x[0][3]), fmaxf(sc[u].x[1][2], sc[u].x[1][3])));
       tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 1));
       tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 2));
       const float mn1 = fmaxf(m1, tm1);
       const float base1 = mn1 == -INFINITY ? 0.f : mn1;
       al1 = exp2f(m1 - base1);
       m1 = mn1;
+      float ls1 = 0.f, ms1 = 0.f;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        p[n][2] = exp2f(x[n][2] - base1);
-        p[n][3] = exp2f(x[n][3] - base1);
+      for (int u = 0; u < N; ++u) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          p[u][n][2] = exp2f(sc[u].x[n][2] - base1);
+          p[u][n][3] = exp2f(sc[u].x[n][3] - base1);
+          ls1 += p[u][n][2] + p[u][n][3];
+          ms1 += p[u][n][2] * sc[u].vm[n][0] + p[u][n][3] * sc[u].vm[n][1];
+        }
       }
-      l1 = l1 * al1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
-      mv1 = mv1 * al1 + (p[0][2] * vm[0][0] + p[0][3] * vm[0][1] + p[1][2] * vm[1][0] +
-                         p[1][3] * vm[1][1]);
+      l1 = l1 * al1 + ls1;
+      mv1 = mv1 * al1 + ms1;
     }
     // the running max moved (rare after the first tiles), or the V bias is due: fold the
     // bias out of acc while rescaling, acc = (acc - PS) * al, PS = 0
-    if (al0 != 1.f || al1 != 1.f || fold) {
-      const float nb0 = -ps[0] * al0, nb1 = -ps[2] * al1;
+    if constexpr (R2) {
+      if (al0 != 1.f || al1 != 1.f || fold) {
+        const float nb0 = -ps[0] * al0, nb1 = -ps[2] * al1;
 #pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        acc[i][0] = fmaf(acc[i][0], al0, nb0);
-        acc[i][1] = fmaf(acc[i][1], al0, nb0);
-        if constexpr (R2) {
+        for (int i = 0; i < NA; ++i) {
+          acc[i][0] = fmaf(acc[i][0], al0, nb0);
+          acc[i][1] = fmaf(acc[i][1], al0, nb0);
           acc[i][2] = fmaf(acc[i][2], al1, nb1);
           acc[i][3] = fmaf(acc[i][3], al1, nb1);
         }
+        ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
+      }
+    } else if (__any_sync(0xffffffffu, al0 != 1.f) || fold) {  // warp-uniform: shuffles inside
+      // acc holds rows 2c, 2c+1, whose factors live in lanes 4 * row
+      const float alA = __shfl_sync(0xffffffffu, al0, 8 * c);
+      const float alB = __shfl_sync(0xffffffffu, al0, 8 * c + 4);
+      const float nbA = -ps[0] * alA, nbB = -ps[1] * alB;
+#pragma unroll
+      for (int j = 0; j < NA; ++j) {
+        acc[j][0] = fmaf(acc[j][0], alA, nbA);
+        acc[j][1] = fmaf(acc[j][1], alB, nbB);
+        acc[j][2] = fmaf(acc[j][2], alA, nbA);
+        acc[j][3] = fmaf(acc[j][3], alB, nbB);
       }
       ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
     }
-    // P' = p * s_v as the A fragment (keys 2c,2c+1 | 2c+8,2c+9)
-    uint32_t pa[4] = {0u, 0u, 0u, 0u};
-    pa[0] = Tr::pack(p[0][0] * vs[0][0], p[0][1] * vs[0][1]);
-    pa[2] = Tr::pack(p[1][0] * vs[1][0], p[1][1] * vs[1][1]);
-    if constexpr (R2) {
-      pa[1] = Tr::pack(p[0][2] * vs[0][0], p[0][3] * vs[0][1]);
-      pa[3] = Tr::pack(p[1][2] * vs[1][0], p[1][3] * vs[1][1]);
-    }
-    // PS += M * sum_k P' (in every column): the bias this tile's mmas add to acc
-    Tr::mma(ps, pa, Tr::kMagic, Tr::kMagic);
-    // O += P' (M + u C_v): V codes of key pairs interleaved per byte by PRMT
 #pragma unroll
-    for (int wi = 0; wi < TileRegs<D>::VW; ++wi) {
-#pragma unroll
-      for (int hb = 0; hb < 2; ++hb) {  // bytes 0-1 (nibbles e0..e3) or 2-3 (e4..e7)
-        const uint32_t sel = hb ? 0x7632u : 0x5410u;
-        const uint32_t lo = prmt(cur.v[0][wi], cur.v[1][wi], sel);  // keys 2c | 2c+1
-        const uint32_t hi = prmt(cur.v[2][wi], cur.v[3][wi], sel);  // keys 2c+8 | 2c+9
-        uint32_t bl[4], bh[4];
-        Tr::codes(lo, bl);
-        Tr::codes(hi, bh);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = wi * 8 + hb * 4 + e;  // n-tile
-          Tr::mma(acc[i], pa, bl[e], bh[e]);
-        }
-      }
-    }
+    for (int u = 0; u < N; ++u) pv(st[u], p[u], sc[u]);
   };
 
-  // The warp's tiles t0, t0 + kWarps, ... stream through its ring, kStages - 1 ahead.
-  uint8_t* ring = smem_raw + warp * kStages * stage_bytes<D>();
+  // The warp's tiles t0, t0 + kWarps, ... stream through its ring (tile i in stage
+  // i % kStages); each iteration issues two, then consumes two while kAhead are in flight.
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) +
+                        warp * kStages * stage_bytes<D>();
+  const uint8_t* ring_p = smem_raw + warp * kStages * stage_bytes<D>();
   const int t0 = t_begin + warp;
   const int n_mine = t0 < t_end ? (t_end - t0 + kWarps - 1) / kWarps : 0;
-  // block-table entry of the warp's i-th tile, read one iteration before it is needed
+  // block-table entry of the warp's i-th tile, read an iteration before it is needed
   // (block sizes are powers of two in practice: shifts instead of divisions)
   const int bs_log2 = a.block_size_log2;
-  auto page_of = [&](int i) -> int64_t {
+  auto page_of = [&](int i) -> int {
     const int tok = (t0 + i * kWarps) * 16;
     return i < n_mine ? btab[bs_log2 >= 0 ? tok >> bs_log2 : tok / bs] : 0;
   };
-  auto issue = [&](int i, int64_t page) {
+  auto issue = [&](int i, int page, int stage) {
     if (i < n_mine) {
       const int tok = (t0 + i * kWarps) * 16;
       const int off = bs_log2 >= 0 ? tok & (bs - 1) : tok % bs;
-      const uint8_t* kreg = a.cache + ((page * 2 + 0) * a.num_kv_heads + kvh) * region;
-      const uint8_t* vreg = a.cache + ((page * 2 + 1) * a.num_kv_heads + kvh) * region;
-      stage_tile<D>(ring + (i % kStages) * stage_bytes<D>(), kreg, vreg, off, bs, lane);
+      const uint8_t* kreg = head_k + (int64_t)page * page_stride;  // one wide multiply-add
+      const uint8_t* kc = kreg + (off * CB + 16 * lane);
+      stage_tile<D>(ring + stage * stage_bytes<D>() + 16 * lane, kc, kc + v_off, kreg + (4 * off + lane_sz),
+                    lane);
     }
     cp_async_commit();  // possibly empty: keeps the group count uniform
   };
+  auto next = [](int s) { return s + 1 == kStages ? 0 : s + 1; };
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i, page_of(i));
-  int64_t page = page_of(kStages - 1);
-  for (int i = 0; i < n_mine; ++i) {
-    issue(i + kStages - 1, page);
-    page = page_of(i + kStages);  // consumed next iteration: its latency hides behind this tile
-    cp_async_wait<kStages - 1>();  // tile i has landed
+  for (int i = 0; i < kAhead; ++i) issue(i, page_of(i), i);
+  int pg0 = page_of(kAhead), pg1 = page_of(kAhead + 1);
+  int wr = kAhead, rd = 0;  // stage of the next tile to issue / to consume
+  for (int i = 0; i < n_mine; i += 2) {
+    issue(i + kAhead, pg0, wr);
+    wr = next(wr);
+    issue(i + kAhead + 1, pg1, wr);
+    wr = next(wr);
+    pg0 = page_of(i + kAhead + 2);  // consumed next iteration: latency hidden behind this one
+    pg1 = page_of(i + kAhead + 3);
+    cp_async_wait<kAhead>();  // tiles i and i + 1 have landed
     __syncwarp();
-    TileRegs<D> r;
-    load_stage<D>(r, ring + (i % kStages) * stage_bytes<D>(), g, c);
-    process(r, t0 + i * kWarps, (i % kFoldTiles) == kFoldTiles - 1);
-    __syncwarp();  // every lane is done with this stage before it is refilled
+    const int rd1 = next(rd);
+    const uint8_t* const st[2] = {ring_p + rd * stage_bytes<D>(), ring_p + rd1 * stage_bytes<D>()};
+    const int t[2] = {t0 + i * kWarps, t0 + (i + 1) * kWarps};
+    const bool fold = (i & (kFoldTiles - 1)) == kFoldTiles - 2;  // every kFoldTiles tiles
+    if (i + 1 < n_mine) {
+      step(std::integral_constant<int, 2>{}, st, t, fold);
+    } else {
+      step(std::integral_constant<int, 1>{}, st, t, fold);
+    }
+    rd = next(rd1);
+    __syncwarp();  // every lane is done with these stages before they are refilled
   }
   cp_async_wait<0>();
   // the rest of the V bias out: sum P'c = (acc - PS) / u
+  // (ps[1] = ps[0], ps[3] = ps[2] with R2; ps[2] = ps[0], ps[3] = ps[1] without)
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    acc[i][0] = (acc[i][0] - ps[0]) * Tr::kVScale;
-    acc[i][1] = (acc[i][1] - ps[0]) * Tr::kVScale;
-    acc[i][2] = (acc[i][2] - ps[2]) * Tr::kVScale;
-    acc[i][3] = (acc[i][3] - ps[2]) * Tr::kVScale;
+  for (int i = 0; i < NA; ++i) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[i][k] = (acc[i][k] - ps[k]) * Tr::kVScale;
   }
 
   // ---- merge the warps: quad sums, per-warp stats, fragments through shared memory
@@ -592,20 +673,60 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
       f1 = a1;
     }
   }
+  if constexpr (R2) {
 #pragma unroll
-  for (int i = 0; i < NT; ++i)
-    frag_s[warp][i][lane] = make_float4(acc[i][0] * f0, acc[i][1] * f0, acc[i][2] * f1, acc[i][3] * f1);
+    for (int i = 0; i < NA; ++i)
+      frag_s[warp][i][lane] = make_float4(acc[i][0] * f0, acc[i][1] * f0, acc[i][2] * f1, acc[i][3] * f1);
+  } else {  // this thread's acc rows are 2c, 2c+1: their factors from the per-warp maxima
+    float MA = -INFINITY, MB = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      MA = fmaxf(MA, m_s[w][2 * c]);
+      MB = fmaxf(MB, m_s[w][2 * c + 1]);
+    }
+    const float fA = m_s[warp][2 * c] == -INFINITY ? 0.f : exp2f(m_s[warp][2 * c] - MA);
+    const float fB = m_s[warp][2 * c + 1] == -INFINITY ? 0.f : exp2f(m_s[warp][2 * c + 1] - MB);
+#pragma unroll
+    for (int j = 0; j < NA; ++j)
+      frag_s[warp][j][lane] = make_float4(acc[j][0] * fA, acc[j][1] * fB, acc[j][2] * fA, acc[j][3] * fB);
+  }
   if (warp == 0 && c == 0) {
     mx_s[g] = M0;
     mx_s[g + 8] = M1;
     l_s[g] = L0;
     l_s[g + 8] = L1;
+    mvs_s[g] = MV0;
+    mvs_s[g + 8] = MV1;
   }
   __syncthreads();
-  // warp w sums n-tiles w, w+4, ... over the warps and normalizes: O = (sum + mv) / l
+  if constexpr (!R2) {
+    // warp w sums m-tiles w, w+4, ... over the warps and normalizes rows 2c, 2c+1 of dims
+    // g*D/8 + 2j, + 1: O = (sum + mv) / l
+    const int rA = 2 * c, rB = 2 * c + 1;
+    const float invA = l_s[rA] > 0.f ? 1.f / l_s[rA] : 0.f, invB = l_s[rB] > 0.f ? 1.f / l_s[rB] : 0.f;
+    const float mvA = mvs_s[rA], mvB = mvs_s[rB];
+#pragma unroll
+    for (int j = warp; j < NA; j += kWarps) {
+      float4 r = frag_s[0][j][lane];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 x = frag_s[w][j][lane];
+        r.x += x.x;
+        r.y += x.y;
+        r.z += x.z;
+        r.w += x.w;
+      }
+      const int d0 = g * (D / 8) + 2 * j;
+      o_s[rA][d0] = (r.x + mvA) * invA;
+      o_s[rB][d0] = (r.y + mvB) * invB;
+      o_s[rA][d0 + 1] = (r.z + mvA) * invA;
+      o_s[rB][d0 + 1] = (r.w + mvB) * invB;
+    }
+  }
+  // R2: warp w sums n-tiles w, w+4, ... over the warps and normalizes: O = (sum + mv) / l
   const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
 #pragma unroll
-  for (int i = warp; i < NT; i += kWarps) {
+  for (int i = warp; i < (R2 ? NT : 0); i += kWarps) {
     float4 r = frag_s[0][i][lane];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) {
