@@ -817,7 +817,8 @@ void launch(const AttnArgs& a, cudaStream_t stream) {
   bool dense = false;
   if constexpr (D == 128) {
     const int policy = dense_policy();
-    if (a.num_splits == 1 && policy != 1) {
+    // decode rows only (R2 = false): the R2 build spills far more at 128 registers
+    if (a.num_splits == 1 && policy != 1 && a.max_query_len * G <= 8) {
       int dev = 0;
       QOQ_CUDA_CHECK(cudaGetDevice(&dev));
       const int64_t sms = num_sms(dev);
