@@ -799,10 +799,10 @@ int dense_policy() {  // 0 default, 1 off, 2 on
   return p;
 }
 
+// r2: a row tile may hold more than 8 rows (max_query_len * G > 8)
 template <typename T, int D, int MINB>
-void launch_kernel(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
-  const int G = a.num_q_heads / a.num_kv_heads;
-  if (a.max_query_len * G > 8) {
+void launch_kernel(const AttnArgs& a, dim3 grid, bool r2, cudaStream_t stream) {
+  if (r2) {
     kv4_attention_kernel<T, D, true, MINB><<<grid, kThreads, 0, stream>>>(a);
   } else {
     kv4_attention_kernel<T, D, false, MINB><<<grid, kThreads, 0, stream>>>(a);
@@ -813,12 +813,13 @@ template <typename T, int D>
 void launch(const AttnArgs& a, cudaStream_t stream) {
   const int G = a.num_q_heads / a.num_kv_heads;
   const int row_tiles = (a.max_query_len * G + 15) / 16;
+  const bool r2 = a.max_query_len * G > 8;
   dim3 grid(a.num_splits, a.num_kv_heads * row_tiles, a.num_seqs);
   bool dense = false;
   if constexpr (D == 128) {
     const int policy = dense_policy();
     // decode rows only (R2 = false): the R2 build spills far more at 128 registers
-    if (a.num_splits == 1 && policy != 1 && a.max_query_len * G <= 8) {
+    if (a.num_splits == 1 && policy != 1 && !r2) {
       int dev = 0;
       QOQ_CUDA_CHECK(cudaGetDevice(&dev));
       const int64_t sms = num_sms(dev);
@@ -827,9 +828,9 @@ void launch(const AttnArgs& a, cudaStream_t stream) {
     }
   }
   if (dense) {
-    launch_kernel<T, D, kDenseBlocks128>(a, grid, stream);
+    launch_kernel<T, D, kDenseBlocks128>(a, grid, r2, stream);
   } else {
-    launch_kernel<T, D, min_blocks<D>()>(a, grid, stream);
+    launch_kernel<T, D, min_blocks<D>()>(a, grid, r2, stream);
   }
   QOQ_CUDA_CHECK(cudaGetLastError());
   if (a.num_splits > 1) {

@@ -76,5 +76,57 @@ __device__ __forceinline__ uint32_t g128_zc(uint32_t zneg) {
   return 0x80808080u - ((0u - zneg) & 0xFFu) * 0x01010101u;
 }
 
+// ---- Split-K through workspace slices (GEMM paths 1 and 3).  Each of a tile's `parts` CTAs
+// stores its int32 partial, in register order, into its own slice of the workspace
+// (thread-interleaved 16-byte stores: a thread's v-th int4 at slice(p) + v * STRIDE, coalesced),
+// then takes a ticket; the tile's last part adds the other slices into its registers and zeroes
+// every slice of the tile and the counter (the workspace is all zeros between calls).  Exact
+// int32, any order.  slice(p): this thread's first int4 of part p's slice; acc4(v): this
+// thread's v-th group of 4 accumulators; active: this thread holds a share of the partial;
+// bar(): a barrier over every thread that gets here; leader: one of them; is_last: a shared
+// int.  Returns true in the tile's last part only, whose registers then hold the sum.
+// (Was: int32 atomics of every element; H100, 1.4-1.6x slower at M = 64-256 on the split
+// 8B/70B shapes, benchmarks/results/gemm-notes.md, 2026-11-22.)
+template <int NV, int STRIDE, class Slice, class Acc4, class Bar>
+__device__ __forceinline__ bool splitk_slices(Slice slice, int part, int parts, int* counter,
+                                              bool active, Acc4 acc4, Bar bar, bool leader,
+                                              int& is_last) {
+  if (active) {
+    int4* mine = slice(part);
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+      const int32_t* x = acc4(v);
+      __stcg(mine + v * STRIDE, make_int4(x[0], x[1], x[2], x[3]));
+    }
+  }
+  __threadfence();
+  bar();
+  if (leader) is_last = (atomicAdd(counter, 1) == parts - 1);
+  bar();
+  if (!is_last) return false;
+  __threadfence();
+  if (active) {
+    const int4 zero = make_int4(0, 0, 0, 0);
+    for (int p = 0; p < parts; ++p) {
+      int4* other = slice(p);
+      if (p != part) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+          const int4 y = __ldcg(other + v * STRIDE);
+          int32_t* x = acc4(v);
+          x[0] += y.x;
+          x[1] += y.y;
+          x[2] += y.z;
+          x[3] += y.w;
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < NV; ++v) __stcg(other + v * STRIDE, zero);
+    }
+  }
+  if (leader) *counter = 0;
+  return true;
+}
+
 }  // namespace dev
 }  // namespace qoq

@@ -248,12 +248,8 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
     }
   }
 
-  // ---- inter-CTA split-K: part `part` of the tile's `parts` stores its int32 partial, in
-  // register order, into its own slice of the workspace (16-byte stores, coalesced: int4 v of
-  // thread tid at v * T0 + tid), then takes a ticket; the last part adds the other slices to
-  // its registers, zeroes every slice of the tile and the counter again, and finishes.  Exact,
-  // any order.  (Was: int32 atomics of every element; the slices were 1.4-1.6x faster in the
-  // wgmma kernel's split-K, gemm-notes.md, 2026-11-22.)
+  // ---- inter-CTA split-K: part `part` of the tile's `parts` reduces through its own
+  // workspace slice (dev::splitk_slices); the threads of the wk == 0 warps hold the partial.
   if (parts > 1) {
     constexpr int T0 = 32 * C::WM * C::WN;  // the threads of the wk == 0 warps (tid < T0)
     constexpr int TILE_INTS = C::BM * C::BN;
@@ -264,41 +260,10 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
     };
     int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(ntiles) * slices_per_tile * TILE_INTS) + tile;
     auto acc4 = [&](int v) -> int32_t* { return &acc[v / (C::NC * 4)][(v / 4) % C::NC][v % 4][0]; };
-    if (wk == 0) {
-      int4* mine = slice(part);
-#pragma unroll
-      for (int v = 0; v < ACCN / 4; ++v) {
-        const int32_t* x = acc4(v);
-        __stcg(mine + v * T0, make_int4(x[0], x[1], x[2], x[3]));
-      }
-    }
-    __threadfence();
-    __syncthreads();
     __shared__ int is_last;
-    if (tid == 0) is_last = (atomicAdd(counter, 1) == parts - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    if (wk == 0) {
-      const int4 zero = make_int4(0, 0, 0, 0);
-      for (int p = 0; p < parts; ++p) {
-        int4* other = slice(p);
-        if (p != part) {
-#pragma unroll
-          for (int v = 0; v < ACCN / 4; ++v) {
-            const int4 y = __ldcg(other + v * T0);
-            int32_t* x = acc4(v);
-            x[0] += y.x;
-            x[1] += y.y;
-            x[2] += y.z;
-            x[3] += y.w;
-          }
-        }
-#pragma unroll
-        for (int v = 0; v < ACCN / 4; ++v) __stcg(other + v * T0, zero);
-      }
-    }
-    if (tid == 0) *counter = 0;
+    if (!dev::splitk_slices<ACCN / 4, T0>(slice, part, parts, counter, wk == 0, acc4,
+                                          [] { __syncthreads(); }, tid == 0, is_last))
+      return;
   }
 
   // ---- epilogue

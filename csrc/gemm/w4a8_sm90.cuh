@@ -420,14 +420,9 @@ __global__ void __launch_bounds__(288, 1)
   // multicast into this CTA was for a stage it consumed, every remote arrive was issued.
   if constexpr (CLUSTER) cluster_sync();
 
-  // ---- split-K across CTAs.  Each split stores its accumulators, in register order, into
-  // its own slice of the workspace (plain 16-byte stores: thread tid's q-th int4 at
-  // q * 256 + tid, coalesced), then takes a ticket; the last split of the tile adds the other
-  // slices to its registers and zeroes every slice of the tile and the counter again (the
-  // workspace, shared with the other paths, is all zeros between calls).  Exact int32, any
-  // order.  (Was: int32 atomics of every element into one zeroed tile and a scalar read-back:
-  // H100, same build and process, 1.4-1.6x slower at M = 64-256 on the split 8B/70B shapes,
-  // e.g. 4096 x 4096 at M = 64: 20.3 vs 14.2 us; gemm-notes.md, 2026-11-22.)
+  // ---- split-K across CTAs: each split reduces through its own workspace slice
+  // (dev::splitk_slices; thread tid's q-th int4 at q * 256 + tid).  The workspace is shared
+  // with the other paths.
   const int nrow = cw * 64 + warp * 16 + g;  // channel (within the tile) of acc[.. 2h=0 ..]
   if (gridDim.z > 1) {
     static_assert(BMT % 8 == 0, "int4 slices");
@@ -438,33 +433,10 @@ __global__ void __launch_bounds__(288, 1)
       return reinterpret_cast<int4*>(a.workspace + (static_cast<int64_t>(split) * ntiles + tile) * TILE_INTS) + tid;
     };
     int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(gridDim.z) * ntiles * TILE_INTS) + tile;
-    int4* mine = slice(blockIdx.z);
-#pragma unroll
-    for (int q = 0; q < BMT / 8; ++q)
-      __stcg(mine + q * 256, make_int4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
-    __threadfence();
-    consumer_bar();
-    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1);
-    consumer_bar();
-    if (!is_last) return;
-    __threadfence();
-    const int4 zero = make_int4(0, 0, 0, 0);
-    for (int sp = 0; sp < static_cast<int>(gridDim.z); ++sp) {
-      int4* other = slice(sp);
-      if (sp != static_cast<int>(blockIdx.z)) {
-#pragma unroll
-        for (int q = 0; q < BMT / 8; ++q) {
-          const int4 v = __ldcg(other + q * 256);
-          acc[4 * q] += v.x;
-          acc[4 * q + 1] += v.y;
-          acc[4 * q + 2] += v.z;
-          acc[4 * q + 3] += v.w;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < BMT / 8; ++q) __stcg(other + q * 256, zero);
-    }
-    if (tid == 0) *counter = 0;
+    auto acc4 = [&](int q) -> int32_t* { return &acc[4 * q]; };
+    if (!dev::splitk_slices<BMT / 8, 256>(slice, static_cast<int>(blockIdx.z), static_cast<int>(gridDim.z),
+                                          counter, true, acc4, [] { consumer_bar(); }, tid == 0, is_last))
+      return;
   }
 
   // ---- epilogue: D[n][m] -> out[m][n]
