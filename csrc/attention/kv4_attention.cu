@@ -492,56 +492,40 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     Scores sc[N];
 #pragma unroll
     for (int u = 0; u < N; ++u) score(st[u], t[u], sc[u]);
-    float tm0 = -INFINITY;
-#pragma unroll
-    for (int u = 0; u < N; ++u)
-      tm0 = fmaxf(tm0, fmaxf(fmaxf(sc[u].x[0][0], sc[u].x[0][1]), fmaxf(sc[u].x[1][0], sc[u].x[1][1])));
-    tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 1));
-    tm0 = fmaxf(tm0, __shfl_xor_sync(0xffffffffu, tm0, 2));
-    const float mn0 = fmaxf(m0, tm0);
-    const float base0 = mn0 == -INFINITY ? 0.f : mn0;
-    const float al0 = exp2f(m0 - base0);  // m = -inf -> 0
-    m0 = mn0;
     float p[N][2][4];
-    float ls0 = 0.f, ms0 = 0.f;
-#pragma unroll
-    for (int u = 0; u < N; ++u) {
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        p[u][n][0] = exp2f(sc[u].x[n][0] - base0);
-        p[u][n][1] = exp2f(sc[u].x[n][1] - base0);
-        ls0 += p[u][n][0] + p[u][n][1];
-        ms0 += p[u][n][0] * sc[u].vm[n][0] + p[u][n][1] * sc[u].vm[n][1];
-      }
-    }
-    l0 = l0 * al0 + ls0;
-    mv0 = mv0 * al0 + ms0;
-    [[maybe_unused]] float al1 = 1.f;
-    if constexpr (R2) {
-      float tm1 = -INFINITY;
+    // Online-softmax update of one of the thread's rows, whose logits are x[n][K], x[n][K + 1]
+    // (K = 0: row r0, K = 2: row r1): running max m, sum l and sum p * min_v mv; fills
+    // p[.][.][K..K+1] and returns the factor al = 2^(m_old - m_new) (m = -inf -> 0).
+    auto row_update = [&](auto ktag, float& m, float& l, float& mv) -> float {
+      constexpr int K = decltype(ktag)::value;
+      float tm = -INFINITY;
 #pragma unroll
       for (int u = 0; u < N; ++u)
-        tm1 = fmaxf(tm1, fmaxf(fmaxf(sc[u].x[0][2], sc[u].x[0][3]), fmaxf(sc[u].x[1][2], sc[u].x[1][3])));
-      tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 1));
-      tm1 = fmaxf(tm1, __shfl_xor_sync(0xffffffffu, tm1, 2));
-      const float mn1 = fmaxf(m1, tm1);
-      const float base1 = mn1 == -INFINITY ? 0.f : mn1;
-      al1 = exp2f(m1 - base1);
-      m1 = mn1;
-      float ls1 = 0.f, ms1 = 0.f;
+        tm = fmaxf(tm, fmaxf(fmaxf(sc[u].x[0][K], sc[u].x[0][K + 1]), fmaxf(sc[u].x[1][K], sc[u].x[1][K + 1])));
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+      const float mn = fmaxf(m, tm);
+      const float base = mn == -INFINITY ? 0.f : mn;
+      const float al = exp2f(m - base);
+      m = mn;
+      float ls = 0.f, ms = 0.f;
 #pragma unroll
       for (int u = 0; u < N; ++u) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          p[u][n][2] = exp2f(sc[u].x[n][2] - base1);
-          p[u][n][3] = exp2f(sc[u].x[n][3] - base1);
-          ls1 += p[u][n][2] + p[u][n][3];
-          ms1 += p[u][n][2] * sc[u].vm[n][0] + p[u][n][3] * sc[u].vm[n][1];
+          p[u][n][K] = exp2f(sc[u].x[n][K] - base);
+          p[u][n][K + 1] = exp2f(sc[u].x[n][K + 1] - base);
+          ls += p[u][n][K] + p[u][n][K + 1];
+          ms += p[u][n][K] * sc[u].vm[n][0] + p[u][n][K + 1] * sc[u].vm[n][1];
         }
       }
-      l1 = l1 * al1 + ls1;
-      mv1 = mv1 * al1 + ms1;
-    }
+      l = l * al + ls;
+      mv = mv * al + ms;
+      return al;
+    };
+    const float al0 = row_update(std::integral_constant<int, 0>{}, m0, l0, mv0);
+    [[maybe_unused]] float al1 = 1.f;
+    if constexpr (R2) al1 = row_update(std::integral_constant<int, 2>{}, m1, l1, mv1);
     // the running max moved (rare after the first tiles), or the V bias is due: fold the
     // bias out of acc while rescaling, acc = (acc - PS) * al, PS = 0
     if constexpr (R2) {
@@ -699,6 +683,18 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     mvs_s[g + 8] = MV1;
   }
   __syncthreads();
+  auto warp_sum = [&](int i) {  // fragment i of every warp, summed
+    float4 r = frag_s[0][i][lane];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 x = frag_s[w][i][lane];
+      r.x += x.x;
+      r.y += x.y;
+      r.z += x.z;
+      r.w += x.w;
+    }
+    return r;
+  };
   if constexpr (!R2) {
     // warp w sums m-tiles w, w+4, ... over the warps and normalizes rows 2c, 2c+1 of dims
     // g*D/8 + 2j, + 1: O = (sum + mv) / l
@@ -707,15 +703,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     const float mvA = mvs_s[rA], mvB = mvs_s[rB];
 #pragma unroll
     for (int j = warp; j < NA; j += kWarps) {
-      float4 r = frag_s[0][j][lane];
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) {
-        const float4 x = frag_s[w][j][lane];
-        r.x += x.x;
-        r.y += x.y;
-        r.z += x.z;
-        r.w += x.w;
-      }
+      const float4 r = warp_sum(j);
       const int d0 = g * (D / 8) + 2 * j;
       o_s[rA][d0] = (r.x + mvA) * invA;
       o_s[rB][d0] = (r.y + mvB) * invB;
@@ -727,15 +715,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
 #pragma unroll
   for (int i = warp; i < (R2 ? NT : 0); i += kWarps) {
-    float4 r = frag_s[0][i][lane];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      const float4 x = frag_s[w][i][lane];
-      r.x += x.x;
-      r.y += x.y;
-      r.z += x.z;
-      r.w += x.w;
-    }
+    const float4 r = warp_sum(i);
     const int d0 = (2 * c) * (D / 8) + i, d1 = (2 * c + 1) * (D / 8) + i;
     o_s[g][d0] = (r.x + MV0) * inv0;
     o_s[g][d1] = (r.y + MV0) * inv0;
