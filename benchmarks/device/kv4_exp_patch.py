@@ -1,9 +1,10 @@
-# KV4 launch-policy probe (device only; patches a scratch copy of the tree, never this one): EXP_SPLITS=N forces the split count; the dense
-# Usage, as run on 2026-11-22 (docs/kv4.md, "Batch 64 x 4k"): copy the tree to /tmp/exp,
-#   python3 benchmarks/device/kv4_exp_patch.py /tmp/exp, build it with build_kv4_lib.py, then time
-#   benchmarks/attention.py --phases decode --impls qoq_kv4 --lib ... under each env setting.
-# build's rule counts every CTA of the launch (split ones too), VLLM_QOQ_KV4_DENSE=on forces it
-# on every decode launch.
+# KV4 launch-policy probe (device only): patches a scratch copy of the tree, never this one.
+#   EXP_SPLITS=N             forces the decode split count (capped as the policy caps it);
+#   dense rule               counts every CTA of the launch, split launches included;
+#   VLLM_QOQ_KV4_DENSE=on    then forces the dense build on every decode launch.
+# As run on 2026-11-22 (docs/kv4.md, "Batch 64 x 4k"): copy the tree to /tmp/exp, run
+# `python3 benchmarks/device/kv4_exp_patch.py /tmp/exp`, build it with build_kv4_lib.py, then
+# time `benchmarks/attention.py --phases decode --impls qoq_kv4 --lib ...` under each setting.
 import sys
 p = sys.argv[1] + "/csrc/attention/kv4_attention.cu"
 s = open(p).read()
