@@ -86,6 +86,7 @@
 #include <cuda_fp16.h>
 
 #include "attention/kv4.h"
+#include "common/device.cuh"
 #include "common/launch.h"
 
 namespace qoq {
@@ -217,9 +218,6 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const uint8_t* gmem) {
   asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(smem), "l"(gmem), "n"(SOFF),
                "n"(GOFF));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Copy one tile into a stage.  st: the stage's shared address + 16 * lane; kc / vc: the
 // tile's first K / V code byte + 16 * lane (a side's 16 keys are D/2 16-byte chunks, lane
@@ -527,32 +525,27 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     [[maybe_unused]] float al1 = 1.f;
     if constexpr (R2) al1 = row_update(std::integral_constant<int, 2>{}, m1, l1, mv1);
     // the running max moved (rare after the first tiles), or the V bias is due: fold the
-    // bias out of acc while rescaling, acc = (acc - PS) * al, PS = 0
-    if constexpr (R2) {
+    // bias out of acc while rescaling, acc = (acc - PS) * al, PS = 0.  f[k] / nb[k]: factor
+    // al and bias -PS * al of accumulator element k's row.
+    auto rescale = [&](const float (&f)[4], const float (&nb)[4]) {
+#pragma unroll
+      for (int i = 0; i < NA; ++i) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][k] = fmaf(acc[i][k], f[k], nb[k]);
+      }
+      ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
+    };
+    if constexpr (R2) {  // elements 0, 1: row g; 2, 3: row g+8
       if (al0 != 1.f || al1 != 1.f || fold) {
         const float nb0 = -ps[0] * al0, nb1 = -ps[2] * al1;
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          acc[i][0] = fmaf(acc[i][0], al0, nb0);
-          acc[i][1] = fmaf(acc[i][1], al0, nb0);
-          acc[i][2] = fmaf(acc[i][2], al1, nb1);
-          acc[i][3] = fmaf(acc[i][3], al1, nb1);
-        }
-        ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
+        rescale({al0, al0, al1, al1}, {nb0, nb0, nb1, nb1});
       }
     } else if (__any_sync(0xffffffffu, al0 != 1.f) || fold) {  // warp-uniform: shuffles inside
-      // acc holds rows 2c, 2c+1, whose factors live in lanes 4 * row
+      // elements 0, 2: row 2c; 1, 3: row 2c+1, whose factors live in lanes 4 * row
       const float alA = __shfl_sync(0xffffffffu, al0, 8 * c);
       const float alB = __shfl_sync(0xffffffffu, al0, 8 * c + 4);
       const float nbA = -ps[0] * alA, nbB = -ps[1] * alB;
-#pragma unroll
-      for (int j = 0; j < NA; ++j) {
-        acc[j][0] = fmaf(acc[j][0], alA, nbA);
-        acc[j][1] = fmaf(acc[j][1], alB, nbB);
-        acc[j][2] = fmaf(acc[j][2], alA, nbA);
-        acc[j][3] = fmaf(acc[j][3], alB, nbB);
-      }
-      ps[0] = ps[1] = ps[2] = ps[3] = 0.f;
+      rescale({alA, alB, alA, alB}, {nbA, nbB, nbA, nbB});
     }
 #pragma unroll
     for (int u = 0; u < N; ++u) pv(st[u], p[u], sc[u]);
@@ -581,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
       stage_tile<D>(ring + stage * stage_bytes<D>() + 16 * lane, kc, kc + v_off, kreg + (4 * off + lane_sz),
                     lane);
     }
-    cp_async_commit();  // possibly empty: keeps the group count uniform
+    dev::cp_async_commit();  // possibly empty: keeps the group count uniform
   };
   auto next = [](int s) { return s + 1 == kStages ? 0 : s + 1; };
 #pragma unroll
@@ -595,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     wr = next(wr);
     pg0 = page_of(i + kAhead + 2);  // consumed next iteration: latency hidden behind this one
     pg1 = page_of(i + kAhead + 3);
-    cp_async_wait<kAhead>();  // tiles i and i + 1 have landed
+    dev::cp_async_wait<kAhead>();  // tiles i and i + 1 have landed
     __syncwarp();
     const int rd1 = next(rd);
     const uint8_t* const st[2] = {ring_p + rd * stage_bytes<D>(), ring_p + rd1 * stage_bytes<D>()};
@@ -609,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     rd = next(rd1);
     __syncwarp();  // every lane is done with these stages before they are refilled
   }
-  cp_async_wait<0>();
+  dev::cp_async_wait<0>();
   // the rest of the V bias out: sum P'c = (acc - PS) / u
   // (ps[1] = ps[0], ps[3] = ps[2] with R2; ps[2] = ps[0], ps[3] = ps[1] without)
 #pragma unroll
@@ -695,7 +688,19 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     }
     return r;
   };
-  if constexpr (!R2) {
+  if constexpr (R2) {
+    // warp w sums n-tiles w, w+4, ... over the warps and normalizes: O = (sum + mv) / l
+    const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
+#pragma unroll
+    for (int i = warp; i < NT; i += kWarps) {
+      const float4 r = warp_sum(i);
+      const int d0 = (2 * c) * (D / 8) + i, d1 = (2 * c + 1) * (D / 8) + i;
+      o_s[g][d0] = (r.x + MV0) * inv0;
+      o_s[g][d1] = (r.y + MV0) * inv0;
+      o_s[g + 8][d0] = (r.z + MV1) * inv1;
+      o_s[g + 8][d1] = (r.w + MV1) * inv1;
+    }
+  } else {
     // warp w sums m-tiles w, w+4, ... over the warps and normalizes rows 2c, 2c+1 of dims
     // g*D/8 + 2j, + 1: O = (sum + mv) / l
     const int rA = 2 * c, rB = 2 * c + 1;
@@ -710,17 +715,6 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
       o_s[rA][d0 + 1] = (r.z + mvA) * invA;
       o_s[rB][d0 + 1] = (r.w + mvB) * invB;
     }
-  }
-  // R2: warp w sums n-tiles w, w+4, ... over the warps and normalizes: O = (sum + mv) / l
-  const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
-#pragma unroll
-  for (int i = warp; i < (R2 ? NT : 0); i += kWarps) {
-    const float4 r = warp_sum(i);
-    const int d0 = (2 * c) * (D / 8) + i, d1 = (2 * c + 1) * (D / 8) + i;
-    o_s[g][d0] = (r.x + MV0) * inv0;
-    o_s[g][d1] = (r.y + MV0) * inv0;
-    o_s[g + 8][d0] = (r.z + MV1) * inv1;
-    o_s[g + 8][d1] = (r.w + MV1) * inv1;
   }
   __syncthreads();
 
