@@ -24,15 +24,15 @@ using sm80::TileCfg;
 
 }  // namespace
 
-extern "C" int qoq_var_ncfg() {
+extern "C" __attribute__((visibility("default"))) int qoq_var_ncfg() {
 #ifdef VAR_FEW
   return 2;
 #else
-  return 10;
+  return 14;
 #endif
 }
 
-extern "C" int qoq_var_run(int cfg, int g128, const void* qx, const void* sx, const void* qsum,
+extern "C" __attribute__((visibility("default"))) int qoq_var_run(int cfg, int g128, const void* qx, const void* sx, const void* qsum,
                            const void* qweight, const void* scales, const void* szeros,
                            const void* s2, const void* zneg, void* out, int M, int N, int K,
                            void* workspace, long long workspace_ints, int num_sms, void* stream) {
@@ -69,6 +69,10 @@ extern "C" int qoq_var_run(int cfg, int g128, const void* qx, const void* sx, co
       case 7: run_cfg<TileCfg<16, 64, 128, 1, 2, 2, 6>>(g128, a, st); break;
       case 8: run_cfg<TileCfg<16, 128, 256, 1, 2, 4, 4>>(g128, a, st); break;
       case 9: run_cfg<TileCfg<16, 32, 512, 1, 1, 4, 4>>(g128, a, st); break;
+      case 10: run_cfg<TileCfg<16, 128, 512, 1, 4, 4, 3>>(g128, a, st); break;
+      case 11: run_cfg<TileCfg<16, 64, 512, 1, 2, 4, 4>>(g128, a, st); break;
+      case 12: run_cfg<TileCfg<16, 128, 256, 1, 4, 2, 3>>(g128, a, st); break;
+      case 13: run_cfg<TileCfg<16, 32, 512, 1, 1, 4, 3>>(g128, a, st); break;
 #endif
       default: std::fprintf(stderr, "qoq_var_run: no configuration %d\n", cfg); return 1;
     }

@@ -30,9 +30,12 @@ LB_OLD = "__global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel("
 DQ_OLD = ("            b0 = dev::dequant_g128(b0, s2, z4);\n"
           "            b1 = dev::dequant_g128(b1, s2, z4);\n")
 XOR_OLD = "  return (u4 * s2 + zc) ^ 0x80808080u;\n"
+PER_OLD = "    per = std::max<int64_t>(std::min<int64_t>(2, kt), (total + grid_want - 1) / grid_want);\n"
 # name -> (few configurations only, [(file, old, new)])
 PATCHES = {
     "base": (False, []),
+    # split-K parts that divide a tile's k-tiles: no CTA crosses a tile boundary (grid <= one wave)
+    "aligned": (False, [(KERNEL, PER_OLD, PER_OLD + "    while (kt % per) ++per;\n")]),
     # 3 CTAs of 256 threads per SM: at most 85 registers (the default uses 126: 2 per SM)
     "minb3": (True, [(KERNEL, LB_OLD, LB_OLD.replace("(C::THREADS)", "(C::THREADS, 3)"))]),
     # g128 offset-binary codes without the XOR (as an s8 x u8 mma would take them): cost probe
@@ -57,7 +60,10 @@ def build():
             s = open(p).read()
             assert s.count(old) == 1, f"{name}: patch target not found once in {f}"
             open(p, "w").write(s.replace(old, new))
-        cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+        # hidden symbols and no STB_GNU_UNIQUE: the kernels' per-instantiation statics (the
+        # one-time cudaFuncSetAttribute of launch()) would otherwise be one object across every
+        # variant library and the extension in the process, so only the first would set up
+        cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden,-fno-gnu-unique", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
                "-gencode=arch=compute_90a,code=sm_90a", f"-I{tree}/csrc",
                os.path.join(ROOT, "benchmarks/device/sm80_variants.cu"), f"{tree}/csrc/common/errors.cu",
                "-o", os.path.join(BUILD, name + ".so")] + (["-DVAR_FEW"] if few else [])
@@ -148,7 +154,7 @@ def run_time(out_path, ms):
                 est = max(2.0, wbytes / 3.35e6)
                 impls = []
                 for name, (few, _) in PATCHES.items():
-                    if name != "base" and (not g128 and name != "minb3"):
+                    if name not in ("base", "aligned") and (not g128 and name != "minb3"):
                         continue
                     for cfg in range(libs[name].qoq_var_ncfg()):
                         impls.append((f"{name}:c{cfg}", name, cfg))
@@ -179,7 +185,7 @@ def run_time(out_path, ms):
                         torch.cuda.synchronize()
                         if label == "base:c0":
                             ref = o0
-                        elif ref is not None and (name in ("base", "minb3") or label == "ext@1"):
+                        elif ref is not None and (name in ("base", "minb3", "aligned") or label == "ext@1"):
                             same = bool(torch.equal(o0, ref))
                             if not same:
                                 checks.append({"M": m, "N": n, "K": k, "variant": variant, "impl": label,

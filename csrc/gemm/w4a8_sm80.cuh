@@ -312,8 +312,11 @@ __global__ void __launch_bounds__(C::THREADS) w4a8_sm80_kernel(const W4A8Args a,
 
 // Launch one configuration: one CTA per tile, or -- when there are fewer tiles than resident
 // CTA slots and stream_k is allowed -- the iterations balanced over one wave of CTAs.
+// aligned: round the stream-K share up to a divisor of the tile's k-tiles, so that no CTA
+// crosses a tile boundary (draining and refilling its pipeline there), unless that leaves fewer
+// than 70% of the CTA slots busy (then the exact share, crossings and all).
 template <class C, bool G128, OutKind OUT>
-void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
+void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream, bool aligned = false) {
   auto kern = w4a8_sm80_kernel<C, G128, OUT>;
   static unsigned long long setup_done = 0;  // per instantiation, one bit per device
   static int per_sm = 1;                      // resident CTAs per SM (same on every device)
@@ -336,6 +339,11 @@ void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
   if (a.workspace != nullptr && stream_k && tiles < slots) {
     const int64_t grid_want = slots * ((tiles + slots - 1) / slots);
     per = std::max<int64_t>(std::min<int64_t>(2, kt), (total + grid_want - 1) / grid_want);
+    if (aligned) {
+      int64_t pa = per;
+      while (kt % pa) ++pa;
+      if (10 * tiles * (kt / pa) >= 7 * slots) per = pa;
+    }
   }
   // a tile is cut into at most ceil(kt / per) + 1 parts, each with its workspace slice (+ a
   // counter per tile); without room for them, one CTA per tile
@@ -349,14 +357,43 @@ void launch(const W4A8Args& a, bool stream_k, cudaStream_t stream) {
 }
 
 // Tile configurations by M (see the header comment; tuned on H100).
-using CfgSmall = TileCfg<16, 64, 256, 1, 2, 4, 4>;    // M <= 16   (decode)
+using CfgSmall = TileCfg<16, 64, 256, 1, 2, 4, 4>;    // M <= 16   (decode), off Hopper
 using CfgMid = TileCfg<64, 64, 128, 2, 2, 2, 4>;      // M <= 64
 using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
+// M <= 16 on sm_90: twice the bytes per stage (and per barrier) as CfgSmall, in K for most
+// shapes and in N from N = 16384 on, with aligned stream-K shares.  H100, 14 configurations
+// timed on the eight Llama-3-8B/-70B shapes at M = 4, 8, 16 (benchmarks/device/
+// sm80_variants.py; benchmarks/results/gemm-h100-sm80-variants.json, gemm-notes.md): g128
+// 1.07x geomean over CfgSmall at BK = 512 alone, up to 1.30x with the wide tiles on the
+// widest shapes.  Other GPUs keep CfgSmall: measured on none (sm_89 has 100 KB of shared
+// memory per SM, where one 75 KB CfgSmallK CTA would halve the resident CTAs).
+using CfgSmallK = TileCfg<16, 64, 512, 1, 2, 4, 3>;   // M <= 16, sm_90, N < 16384
+using CfgSmallN = TileCfg<16, 128, 256, 1, 4, 2, 4>;  // M <= 16, sm_90, N >= 16384
+
+// Compute capability 9.x? (per device, queried once)
+inline bool sm90_device() {
+  static int known[64] = {};  // 0: not asked yet, 1: no, 2: yes
+  int dev = 0;
+  QOQ_CUDA_CHECK(cudaGetDevice(&dev));
+  int& k = known[dev & 63];
+  if (k == 0) {
+    int major = 0;
+    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    k = major == 9 ? 2 : 1;
+  }
+  return k == 2;
+}
 
 template <bool G128, OutKind OUT>
 void dispatch(const W4A8Args& a, cudaStream_t stream) {
   if (a.M <= 16) {
-    launch<CfgSmall, G128, OUT>(a, true, stream);
+    if (!sm90_device()) {
+      launch<CfgSmall, G128, OUT>(a, true, stream);
+    } else if (a.N >= 16384) {
+      launch<CfgSmallN, G128, OUT>(a, true, stream, true);
+    } else {
+      launch<CfgSmallK, G128, OUT>(a, true, stream, true);
+    }
   } else if (a.M <= 64) {
     launch<CfgMid, G128, OUT>(a, true, stream);
   } else {

@@ -158,6 +158,23 @@ def test_persistent_int32_exact_few_ctas(m, n, k, gs):
     assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
 
 
+@pytest.mark.parametrize("gs", [-1, 128])
+@pytest.mark.parametrize("m,n,k", [
+    (16, 6144, 4096),    # 64-channel tiles, stream-K shares rounded up to whole tiles
+    (16, 10240, 8192),   # 64-channel tiles, exact shares (rounding would idle > 30% of slots)
+    (16, 16384, 2816),   # 128-channel tiles, exact shares crossing tile boundaries
+    (9, 28672, 1024),    # 128-channel tiles, one CTA per tile
+    (3, 16416, 640),     # 128-channel tiles: a partial last tile and a partial k-tile
+    (16, 20000, 384),    # N % 32 != 0 on the wide tiles
+])
+def test_mma_small_m_configurations(m, n, k, gs):
+    """Path 1 at M <= 16 picks its tile configuration and stream-K shares by shape on sm_90
+    (csrc/gemm/w4a8_sm80.cuh, dispatch); each of its cases stays exact (elsewhere these all
+    run the one configuration, and must be exact too)."""
+    acc, want = _acc_case(m, n, k, gs, seed=5 * m + n + k, path=1)
+    assert torch.equal(acc, want), f"{int((acc != want).sum())} of {acc.numel()} differ"
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n", [80, 40])  # N % 32 != 0: padded kernel layout
