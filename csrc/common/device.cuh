@@ -50,17 +50,6 @@ __device__ __forceinline__ void mma_s8_16832(int32_t (&c)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The same with B unsigned (u8): A x (B as 0..255).  Paths that hand the g128 codes over
-// in offset binary (dequant_g128_u8) use it and take 128 * sum(A row) back afterwards.
-__device__ __forceinline__ void mma_s8u8_16832(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                               uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // ---- QoQ weight dequantization in registers (qoq.md §1).
 // A packed word holds 8 nibbles: byte i = u_lo(i) | u_hi(i) << 4.  The low nibbles
 // form one 4 x int8 MMA operand, the high nibbles the other.
@@ -76,11 +65,8 @@ __device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return (w >> 4) & 0
 // two's complement.  zc = g128_zc(zneg) is per (row, group): hoisted out of the K loop.
 // (Was u*s2 followed by __vadd4 with the pre-negated zero: sm_90 has no SIMD video add,
 // nvcc emulates it with 5 integer ops, so that was 6 ops per word, now 2.)
-__device__ __forceinline__ uint32_t dequant_g128_u8(uint32_t u4, uint32_t s2, uint32_t zc) {
-  return u4 * s2 + zc;  // the four bytes q8 + 128, offset binary
-}
 __device__ __forceinline__ uint32_t dequant_g128(uint32_t u4, uint32_t s2, uint32_t zc) {
-  return dequant_g128_u8(u4, s2, zc) ^ 0x80808080u;
+  return (u4 * s2 + zc) ^ 0x80808080u;
 }
 
 // The dequant_g128 addend (128 - z*s2) * 0x01010101 (mod 2^32) of a row, from the low byte

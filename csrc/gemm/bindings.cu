@@ -107,24 +107,37 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M,
 // then the mma.sync tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
 // returns 1, 3, 4, 5, 6 or 7 (2 resolved to its default, 3 or 4).
-// The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2 per-channel, 4 g128;
-// at most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off for
-// per-channel, 8 for g128; at most 32); 0 turns either off.  Defaults from the H100
-// sweeps in benchmarks/results/gemm-notes.md (gemm-h100-{gemv,mmv,mmv2}-sweep.md; g128 MMV
-// up to 8, not 16, since path 1's split-K went through workspace slices: at M = 16 path 1
-// was 1.16x faster geomean over the 8B/70B shapes, gemm-h100-splitk-slices.json).
+// The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2; g128 off sm_90: 4; at
+// most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off; g128 off
+// sm_90: 8; at most 32); 0 turns either off.  Defaults from the H100 sweeps in
+// benchmarks/results/gemm-notes.md (gemm-h100-{gemv,mmv,mmv2}-sweep.md).  On sm_90, path 1's
+// M <= 16 tiles (w4a8_sm80.cuh, CfgSmallK / CfgSmallN) beat the g128 GEMV at M = 4 and the
+// MMV at M = 8 on six of the eight 8B/70B shapes, by up to 1.3x (the MMV keeps ~7% on
+// 57344 x 8192; gemm-h100-sm80-variants.json), so there g128 takes path 1 from M = 3 on, as
+// per-channel does.  Other GPUs run path 1's old tiles and keep the old g128 ranges.
 int env_int(const char* name, int dflt, int hi) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0') return dflt;  // unset: the per-variant default
   return std::max(0, std::min(hi, std::atoi(e)));
 }
-int gemv_max_m(bool g128) {
-  static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", -1, 16);
-  return v >= 0 ? v : (g128 ? 4 : 2);
+// Compute capability 9.x? (per device, queried once; a plain attribute query, fine in capture)
+bool cc9(int device) {
+  static int known[64] = {};  // 0: not asked yet, 1: no, 2: yes
+  int& k = known[device & 63];
+  if (k == 0) {
+    int major = 0;
+    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    k = major == 9 ? 2 : 1;
+  }
+  return k == 2;
 }
-int mmv_max_m(bool g128) {
+int gemv_max_m(bool g128, int device) {
+  static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", -1, 16);
+  return v >= 0 ? v : (g128 && !cc9(device) ? 4 : 2);
+}
+int mmv_max_m(bool g128, int device) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
-  return v >= 0 ? v : (g128 ? 8 : 0);
+  return v >= 0 ? v : (g128 && !cc9(device) ? 8 : 0);
 }
 // The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
 // 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
@@ -150,8 +163,10 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
   }
   // the GEMV serves M <= 16, the MMV M <= 32; a forced path 5/6 beyond that falls back to
   // the default choice
-  if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128))) return 5;
-  if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128))) return 6;
+  if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128, device)))
+    return 5;
+  if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128, device)))
+    return 6;
   if (requested == 5 || requested == 6) requested = 0;
   if (requested == 0) {
     if (a.M > 16 && sm90_ok(device, stream)) {

@@ -204,10 +204,8 @@ __global__ void __launch_bounds__(kThreads) w4a8_gemv_kernel(const W4A8Args a, i
 // keeps the kernel a pure weight stream.  The kernel-layout word j of lane (g, t) is
 // exactly the B fragment of n8 tile j (b0 = low nibbles, b1 = high nibbles); the A
 // fragment rows g and g+8 of each m16 tile are 32-bit loads of qx (natural layout, L1).
-// g128: the codes become q8 + 128 = s2*(u - z) + 128 in registers (dev::dequant_g128_u8) and
-// go to an s8 x u8 mma, as in the mma.sync tiles (w4a8_sm80.cuh): rsum collects the row sums
-// of qx (one more mma per k32 step, B all ones) and 128 * rsum leaves acc after the loop, so
-// the accumulator is sum_k qx*q8 exactly.
+// g128: the codes become q8 = s2*(u - z) in registers (dev::dequant_g128), as in the
+// tiled kernels, so the accumulator is sum_k qx*q8 directly.
 template <int MT, bool G128, OutKind OUT>
 __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, int steps_per_split) {
   const int nc = blockIdx.x;
@@ -226,9 +224,6 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
-  int32_t rsum[MT][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i) rsum[i][0] = rsum[i][1] = rsum[i][2] = rsum[i][3] = 0;
 
   // (No register double buffer here, unlike the GEMV: the extra registers cost the MMV
   // more occupancy than the overlap gains -- H100 sweeps, gemm-notes.md.)
@@ -260,10 +255,6 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
           af[i][h] = lo;      // a0 (row g) / a1 (row g+8): k = 4t..4t+3
           af[i][2 + h] = hi;  // a2 / a3: k = 16+4t..
         }
-      if constexpr (G128) {
-#pragma unroll
-        for (int i = 0; i < MT; ++i) dev::mma_s8_16832(rsum[i], af[i], 0x01010101u, 0x01010101u);
-      }
       const uint32_t ws[4] = {w[s].x, w[s].y, w[s].z, w[s].w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -271,26 +262,13 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
         if constexpr (G128) {
           const uint32_t s2 = (s2w >> (8 * j)) & 0xFFu;
           const uint32_t z4 = dev::g128_zc(znw >> (8 * j));
-          b0 = dev::dequant_g128_u8(b0, s2, z4);
-          b1 = dev::dequant_g128_u8(b1, s2, z4);
-#pragma unroll
-          for (int i = 0; i < MT; ++i) dev::mma_s8u8_16832(acc[i][j], af[i], b0, b1);
-        } else {
-#pragma unroll
-          for (int i = 0; i < MT; ++i) dev::mma_s8_16832(acc[i][j], af[i], b0, b1);
+          b0 = dev::dequant_g128(b0, s2, z4);
+          b1 = dev::dequant_g128(b1, s2, z4);
         }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) dev::mma_s8_16832(acc[i][j], af[i], b0, b1);
       }
     }
-  }
-  if constexpr (G128) {  // acc -= 128 * row sum, mod 2^32 (rsum elements 0, 1: row g; 2, 3: g+8)
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          acc[i][j][e] = static_cast<int32_t>(static_cast<uint32_t>(acc[i][j][e]) -
-                                              (static_cast<uint32_t>(rsum[i][e]) << 7));
   }
 
   // ---- reduce over warps: C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1];

@@ -151,15 +151,6 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][j][q][e] = 0;
 
-  // g128: the mma takes the codes as offset binary v = q8 + 128 (u8: one XOR per 4 codes
-  // fewer), so acc gains 128 * sum_k qx per row; rsum gets those row sums (one more mma per
-  // k32 step, B all ones) and is taken back after the loop.  Exact in int32 arithmetic mod
-  // 2^32, so exact wherever the true acc fits in int32.  (H100 probe, 8B/70B shapes at
-  // M <= 16: dropping the XOR alone was 1.03x; benchmarks/results/gemm-notes.md.)
-  int32_t rsum[C::MT][4];
-#pragma unroll
-  for (int i = 0; i < C::MT; ++i) rsum[i][0] = rsum[i][1] = rsum[i][2] = rsum[i][3] = 0;
-
 #pragma unroll
   for (int s = 0; s < C::STAGES - 1; ++s) {
     if (s < nkt) load_stage<C, G128>(smem + s * C::STAGE_BYTES, a, m0, n0, kt0 + s);
@@ -199,7 +190,6 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
         const int row = wm * C::TM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int ch = kl / 16 + (lane >> 4);
         dev::ldmatrix_x4(af[mt], sa + row * C::BK + swz<C::BK>(row, ch) * 16);
-        if constexpr (G128) dev::mma_s8_16832(rsum[mt], af[mt], 0x01010101u, 0x01010101u);
       }
 #pragma unroll
       for (int nc = 0; nc < C::NC; ++nc) {
@@ -213,31 +203,16 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
           if constexpr (G128) {
             const uint32_t s2 = (s2w[nc] >> (8 * j)) & 0xffu;
             const uint32_t z4 = dev::g128_zc(zw[nc] >> (8 * j));
-            b0 = dev::dequant_g128_u8(b0, s2, z4);
-            b1 = dev::dequant_g128_u8(b1, s2, z4);
-#pragma unroll
-            for (int mt = 0; mt < C::MT; ++mt) dev::mma_s8u8_16832(acc[mt][nc][j], af[mt], b0, b1);
-          } else {
-#pragma unroll
-            for (int mt = 0; mt < C::MT; ++mt) dev::mma_s8_16832(acc[mt][nc][j], af[mt], b0, b1);
+            b0 = dev::dequant_g128(b0, s2, z4);
+            b1 = dev::dequant_g128(b1, s2, z4);
           }
+#pragma unroll
+          for (int mt = 0; mt < C::MT; ++mt) dev::mma_s8_16832(acc[mt][nc][j], af[mt], b0, b1);
         }
       }
     }
   }
   dev::cp_async_wait<0>();
-  if constexpr (G128) {  // acc -= 128 * row sum (rsum's elements 0, 1: row g; 2, 3: row g+8)
-#pragma unroll
-    for (int i = 0; i < C::MT; ++i)
-#pragma unroll
-      for (int j = 0; j < C::NC; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            acc[i][j][q][e] = static_cast<int32_t>(static_cast<uint32_t>(acc[i][j][q][e]) -
-                                                   (static_cast<uint32_t>(rsum[i][e]) << 7));
-  }
 
   // ---- intra-CTA split-K reduction (warps wk > 0 hand their partials to wk == 0).
   constexpr int ACCN = C::MT * C::NC * 16;

@@ -96,8 +96,8 @@ def test_quantize_per_token_3d_and_ties():
 # ---------------------------------------------------------------- exact accumulators
 # 1: mma.sync (sm_80+); 3: wgmma (sm_90a); 4: wgmma with CTA pairs sharing the activation
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
-# M <= VLLM_QOQ_GEMV_MAX_M, default 2 per-channel / 4 g128); 6: the mma.sync weight stream
-# (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off / 8); 7: persistent wgmma
+# M <= VLLM_QOQ_GEMV_MAX_M, default 2; 4 for g128 off sm_90); 6: the mma.sync weight stream
+# (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off; 8 for g128 off sm_90); 7: persistent wgmma
 # (path 3 where the tiles fit in one wave).  (2 = the wgmma default.)
 PATHS = [1, 3, 4, 5, 6, 7]
 MAX_M = {5: 16, 6: 32}
