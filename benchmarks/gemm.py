@@ -272,9 +272,19 @@ def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
     copies = max(1, min(math.ceil(3 * l2_bytes / per_call), int(max_copy_bytes // per_call)))
     copies = min(copies, 64)
     fns = [build() for _ in range(copies)]
-    # enough calls per replay that launch/graph overhead is amortised (>= ~2 ms of work)
     est_us = max(2.0, per_call / (HBM_TBPS * 1e6), 2 * m * n * k / (PEAK_TOPS["bf16"] * 1e6))
-    loops = max(1, min(200, math.ceil(2000 / (est_us * copies))))
+    us = time_graph(fns, est_us, reps)
+    del fns
+    return us
+
+
+def time_graph(fns, est_us, reps=5):
+    """Median µs per call of `fns` (closures over distinct operand copies), each call
+    captured in one CUDA graph, enough rounds of them per replay that launch/graph overhead
+    is amortised (>= ~2 ms of work at est_us per call)."""
+    import torch
+
+    loops = max(1, min(200, math.ceil(2000 / (est_us * len(fns)))))
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -298,8 +308,8 @@ def time_us(impl, m, n, k, l2_bytes, max_copy_bytes, gen, reps=5):
         graph.replay()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / (loops * copies))
-    del graph, fns
+        times.append(s.elapsed_time(e) * 1e3 / (loops * len(fns)))
+    del graph
     return statistics.median(times)
 
 

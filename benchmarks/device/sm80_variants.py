@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -75,40 +74,10 @@ def build():
     print(f"built in {time.time() - t:.0f} s")
 
 
-def time_graph(fns, est_us, reps=5):
-    import torch
-    loops = max(1, min(200, math.ceil(2000 / (est_us * len(fns)))))
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-        with torch.cuda.graph(graph):
-            for _ in range(loops):
-                for f in fns:
-                    f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / (loops * len(fns)))
-    del graph
-    return statistics.median(times)
-
-
 def run_time(out_path, ms):
     import torch
     sys.path.insert(0, ROOT)
+    from benchmarks.gemm import time_graph
     libs = {}
     for name in PATCHES:
         lib = ctypes.CDLL(os.path.join(BUILD, name + ".so"))

@@ -32,6 +32,20 @@ inline unsigned long long current_device_bit() {
   return 1ull << (dev & 63);
 }
 
+// Compute capability 9.x? `device` < 0: the current device.  Queried once per device (a plain
+// attribute query: fine during CUDA-graph capture).  For the kernel choices tuned on sm_90.
+inline bool cc9(int device = -1) {
+  static int known[64] = {};  // 0: not asked yet, 1: no, 2: yes
+  if (device < 0) QOQ_CUDA_CHECK(cudaGetDevice(&device));
+  int& k = known[device & 63];
+  if (k == 0) {
+    int major = 0;
+    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    k = major == 9 ? 2 : 1;
+  }
+  return k == 2;
+}
+
 // ---- Per-token INT8 activation quantization (csrc/quant/quant_per_token.cu).
 // x [rows, K] (fp16 if !is_bf16, else bf16, row stride K) -> qx int8 [rows, K],
 // sx fp32 [rows], qsum int32 [rows].  Bit-exact with reference.quantize_activation.

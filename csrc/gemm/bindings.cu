@@ -120,17 +120,6 @@ int env_int(const char* name, int dflt, int hi) {
   if (e == nullptr || *e == '\0') return dflt;  // unset: the per-variant default
   return std::max(0, std::min(hi, std::atoi(e)));
 }
-// Compute capability 9.x? (per device, queried once; a plain attribute query, fine in capture)
-bool cc9(int device) {
-  static int known[64] = {};  // 0: not asked yet, 1: no, 2: yes
-  int& k = known[device & 63];
-  if (k == 0) {
-    int major = 0;
-    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    k = major == 9 ? 2 : 1;
-  }
-  return k == 2;
-}
 int gemv_max_m(bool g128, int device) {
   static const int v = env_int("VLLM_QOQ_GEMV_MAX_M", -1, 16);
   return v >= 0 ? v : (g128 && !cc9(device) ? 4 : 2);

@@ -370,24 +370,10 @@ using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
 using CfgSmallK = TileCfg<16, 64, 512, 1, 2, 4, 3>;   // M <= 16, sm_90, N < 16384
 using CfgSmallN = TileCfg<16, 128, 256, 1, 4, 2, 4>;  // M <= 16, sm_90, N >= 16384
 
-// Compute capability 9.x? (per device, queried once)
-inline bool sm90_device() {
-  static int known[64] = {};  // 0: not asked yet, 1: no, 2: yes
-  int dev = 0;
-  QOQ_CUDA_CHECK(cudaGetDevice(&dev));
-  int& k = known[dev & 63];
-  if (k == 0) {
-    int major = 0;
-    QOQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    k = major == 9 ? 2 : 1;
-  }
-  return k == 2;
-}
-
 template <bool G128, OutKind OUT>
 void dispatch(const W4A8Args& a, cudaStream_t stream) {
   if (a.M <= 16) {
-    if (!sm90_device()) {
+    if (!cc9()) {
       launch<CfgSmall, G128, OUT>(a, true, stream);
     } else if (a.N >= 16384) {
       launch<CfgSmallN, G128, OUT>(a, true, stream, true);
