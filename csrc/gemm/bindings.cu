@@ -114,8 +114,8 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // M <= 16 tiles (w4a8_sm80.cuh, CfgSmallK / CfgSmallN) beat the g128 GEMV at M = 4 and the
 // MMV at M = 8 on six of the eight 8B/70B shapes, by up to 1.3x (the MMV keeps 7-10% on
 // 4096 x 4096 and 57344 x 8192; gemm-h100-sm80-variants.json, gemm-h100-final-check.json), so
-// there g128 takes path 1 from M = 3 on, as
-// per-channel does.  Other GPUs run path 1's old tiles and keep the old g128 ranges.
+// there g128 takes path 1 from M = 3 on, as per-channel does.  Other GPUs run path 1's old
+// tiles and keep the old g128 ranges.
 int env_int(const char* name, int dflt, int hi) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == '\0') return dflt;  // unset: the per-variant default

@@ -363,9 +363,9 @@ using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
 // M <= 16 on sm_90: twice the bytes per stage (and per barrier) as CfgSmall, in K for most
 // shapes and in N from N = 16384 on, with aligned stream-K shares.  H100, 14 configurations
 // timed on the eight Llama-3-8B/-70B shapes at M = 4, 8, 16 (benchmarks/device/
-// sm80_variants.py; benchmarks/results/gemm-h100-sm80-variants.json, gemm-notes.md): g128
-// 1.07x geomean over CfgSmall at BK = 512 alone, up to 1.30x with the wide tiles on the
-// widest shapes.  Other GPUs keep CfgSmall: measured on none (sm_89 has 100 KB of shared
+// sm80_variants.py; benchmarks/results/gemm-h100-sm80-variants.json, gemm-notes.md): this
+// dispatch against CfgSmall, 1.12x geomean for g128 and 1.07x per-channel at M = 4-16
+// (0.98-1.31x per shape; the wide tiles win most on the widest).  Other GPUs keep CfgSmall: measured on none (sm_89 has 100 KB of shared
 // memory per SM, where one 75 KB CfgSmallK CTA would halve the resident CTAs).
 using CfgSmallK = TileCfg<16, 64, 512, 1, 2, 4, 3>;   // M <= 16, sm_90, N < 16384
 using CfgSmallN = TileCfg<16, 128, 256, 1, 4, 2, 4>;  // M <= 16, sm_90, N >= 16384
