@@ -5,12 +5,12 @@
 
 Each variant is benchmarks/device/sm80_variants.cu built against a scratch copy of csrc/,
 patched as PATCHES says (asserting every line it patches, so a drifted source fails loudly).
-Tile configurations 0-9 are the TileCfg list in the .cu (0 = the default CfgSmall).  The
-timing is gemm.py's: each call captured in a CUDA graph over enough weight copies to defeat
-L2.  Outputs of every configuration of the unpatched build are compared bit for bit with
-configuration 0 and with the extension's path 1 (when built), so a configuration that
-computes something else is reported; the patched builds (noxor, nodq) are timing probes that
-change results on purpose.
+Tile configurations 0-13 are the TileCfg list in the .cu (0 = CfgSmall, 1 = CfgSmallN,
+3 = CfgSmallK; the patched builds have 0, 1 and 3 only).  The timing is gemm.py's: each call
+captured in a CUDA graph over enough weight copies to defeat L2.  Every output is compared bit
+for bit with configuration 0 of the unpatched build (and the extension's path 1, `ext@1`, when
+built), so a configuration or patch that computes something else is reported -- except noxor
+and nodq, timing probes that change results on purpose.
 """
 import ctypes
 import json
@@ -39,6 +39,9 @@ PATCHES = {
     "minb3": (True, [(KERNEL, LB_OLD, LB_OLD.replace("(C::THREADS)", "(C::THREADS, 3)"))]),
     # g128 offset-binary codes without the XOR (as an s8 x u8 mma would take them): cost probe
     "noxor": (True, [(DEVICE, XOR_OLD, "  return u4 * s2 + zc;\n")]),
+    # stream-K shares of at least 4 / 8 k-tiles (fewer split-K parts per tile, fewer CTAs)
+    "minper4": (True, [(KERNEL, PER_OLD, PER_OLD.replace("min<int64_t>(2, kt)", "min<int64_t>(4, kt)"))]),
+    "minper8": (True, [(KERNEL, PER_OLD, PER_OLD.replace("min<int64_t>(2, kt)", "min<int64_t>(8, kt)"))]),
     # g128 without any dequantization (the codes go to the mma as they are): cost probe
     "nodq": (True, [(KERNEL, DQ_OLD, "            (void)s2; (void)z4;\n")]),
 }
@@ -123,9 +126,10 @@ def run_time(out_path, ms):
                 est = max(2.0, wbytes / 3.35e6)
                 impls = []
                 for name, (few, _) in PATCHES.items():
-                    if name not in ("base", "aligned") and (not g128 and name != "minb3"):
+                    if name not in ("base", "aligned", "minper4", "minper8") and (not g128 and name != "minb3"):
                         continue
-                    for cfg in range(libs[name].qoq_var_ncfg()):
+                    ncfg = libs[name].qoq_var_ncfg()
+                    for cfg in (range(ncfg) if ncfg > 0 else (0, 1, 3)):
                         impls.append((f"{name}:c{cfg}", name, cfg))
                 if ext is not None:
                     impls += [("ext@1", None, 1), ("ext@6", None, 6)]
@@ -154,7 +158,7 @@ def run_time(out_path, ms):
                         torch.cuda.synchronize()
                         if label == "base:c0":
                             ref = o0
-                        elif ref is not None and (name in ("base", "minb3", "aligned") or label == "ext@1"):
+                        elif ref is not None and name not in ("nodq", "noxor"):
                             same = bool(torch.equal(o0, ref))
                             if not same:
                                 checks.append({"M": m, "N": n, "K": k, "variant": variant, "impl": label,
