@@ -365,8 +365,9 @@ using CfgLarge = TileCfg<128, 128, 64, 2, 4, 1, 4>;   // M > 64
 // timed on the eight Llama-3-8B/-70B shapes at M = 4, 8, 16 (benchmarks/device/
 // sm80_variants.py; benchmarks/results/gemm-h100-sm80-variants.json, gemm-notes.md): this
 // dispatch against CfgSmall, 1.12x geomean for g128 and 1.07x per-channel at M = 4-16
-// (0.98-1.31x per shape; the wide tiles win most on the widest).  Other GPUs keep CfgSmall: measured on none (sm_89 has 100 KB of shared
-// memory per SM, where one 75 KB CfgSmallK CTA would halve the resident CTAs).
+// (0.98-1.31x per shape; the wide tiles win most on the widest).  Other GPUs keep CfgSmall:
+// measured on none (sm_89 has 100 KB of shared memory per SM, where one 75 KB CfgSmallK CTA
+// would halve the resident CTAs).
 using CfgSmallK = TileCfg<16, 64, 512, 1, 2, 4, 3>;   // M <= 16, sm_90, N < 16384
 using CfgSmallN = TileCfg<16, 128, 256, 1, 4, 2, 4>;  // M <= 16, sm_90, N >= 16384
 
