@@ -24,6 +24,14 @@ recorded under "skipped".  Every timing is a median over iterations with the L2
 flushed before each, CUDA events, same process, same GPU.  "bytes" is what the kernel
 must read (K/V pages of the context + q + out); "gbps" = bytes / time.
 
+--flush (how the L2 is emptied before each timed call):
+  read   (default) a read pass over a 256 MiB buffer: the L2 ends up holding clean lines,
+         which the timed call evicts for free.
+  write  zero a 256 MiB buffer (the protocol until 2026-11-22): the L2 ends up full of
+         dirty lines (50 MB on the H100), and the timed call pays for writing them back
+         to HBM while it reads.  Kept to compare with the older result files.
+  none   no flush (small shapes then read from L2).
+
 Output: benchmarks/results/attention-<device>.json
   {"device","date","torch","vllm","command","hbm_gbps","rows":[{"phase","batch",
    "context","q_len","q_heads","kv_heads","head_dim","impl","us","bytes","gbps",
@@ -60,17 +68,28 @@ def _hbm(name: str) -> float | None:
     return None
 
 
+FLUSHES = ("read", "write", "none")
+
+
 class Timer:
-    def __init__(self, iters: int):
-        self.iters = iters
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    def __init__(self, iters: int, flush: str = "read"):
+        if flush not in FLUSHES:
+            raise ValueError(f"--flush {flush!r}: expected one of {', '.join(FLUSHES)}")
+        self.iters, self.mode = iters, flush
+        self.buf = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def flush(self):
+        if self.mode == "read":
+            self.buf.view(torch.int32).sum()  # reads 256 MiB, writes 8 bytes
+        elif self.mode == "write":
+            self.buf.zero_()
 
     def __call__(self, fn) -> float:
         fn()  # warm-up (compiles Triton, picks kernels)
         fn()
         times = []
         for _ in range(self.iters):
-            self.flush.zero_()
+            self.flush()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
@@ -257,7 +276,8 @@ def summary_md(res: dict) -> str:
            f"{res['date']}, torch {res['torch']}, vLLM {res['vllm']}, command `{res['command']}`. "
            f"32 query / 8 KV heads, bf16, block 16. µs per call; ratio = baseline time / qoq "
            f"time (> 1: qoq faster); % HBM = bytes the qoq call must read / "
-           f"{res.get('hbm_gbps')} GB/s.", ""]
+           f"{res.get('hbm_gbps')} GB/s. L2 flush before each call: "
+           f"{res.get('flush', 'write')} (see benchmarks/attention.py).", ""]
     for phase in ("decode", "prefill"):
         keys = sorted(k for k in t if k[0] == phase and "qoq_kv4" in t[k])
         if not keys:
@@ -288,6 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="*", default=list(IMPLS))
     ap.add_argument("--phases", nargs="*", default=["decode", "prefill"])
     ap.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20, 5 with --quick)")
+    ap.add_argument("--flush", choices=FLUSHES, default="read",
+                    help="how the L2 is emptied before each timed call (see the module doc)")
     ap.add_argument("--markdown", default=None, metavar="JSON",
                     help="only (re)write the markdown summary of an earlier run's JSON")
     args = ap.parse_args(argv)
@@ -314,7 +336,7 @@ def main(argv=None) -> int:
         vllm_version = None
         for k in ("fa3_bf16", "fa3_fp8", "triton_int4"):
             skipped[k] = f"vLLM not importable: {type(e).__name__}: {e}"
-    timer = Timer(args.iters or (5 if args.quick else 20))
+    timer = Timer(args.iters or (5 if args.quick else 20), args.flush)
     rows = []
     for phase, b, c, ql, hq, hkv, d in cases(args.quick):
         if phase not in args.phases:
@@ -350,6 +372,7 @@ def main(argv=None) -> int:
         "vllm": vllm_version,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "hbm_gbps": hbm,
+        "flush": args.flush,
         "rows": rows,
         "skipped": skipped,
     }
