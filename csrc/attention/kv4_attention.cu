@@ -207,10 +207,26 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 // shared-memory stages (loads in flight without registers); stage layout:
 //   [K codes 16 x D/2][V codes 16 x D/2][K (scale, zero) 16 x 4][V (scale, zero) 16 x 4]
 // The key loop consumes two tiles per iteration while kAhead more are in flight.
-constexpr int kStages = 5;
-constexpr int kAhead = kStages - 2;
+// Stages per warp (kAhead = stages - 2 in flight), per head_dim; -DQOQ_KV4_STAGES_64=N /
+// _128=N override them for A/B builds (benchmarks/device/build_kv4_lib.py).
+#ifndef QOQ_KV4_STAGES_64
+#define QOQ_KV4_STAGES_64 5
+#endif
+#ifndef QOQ_KV4_STAGES_128
+#define QOQ_KV4_STAGES_128 5
+#endif
+template <int D>
+constexpr int stages() { return D == 64 ? QOQ_KV4_STAGES_64 : QOQ_KV4_STAGES_128; }
 template <int D>
 constexpr int stage_bytes() { return 32 * (D / 2) + 128; }
+// the kernel's dynamic shared memory: the cp.async ring during the key loop, the merge
+// buffers after it (same bytes): each warp's O fragments (NT x 32 float4) + 16 merged rows
+template <int D>
+constexpr int smem_bytes() {
+  constexpr int ring = kWarps * stages<D>() * stage_bytes<D>();
+  constexpr int merge = kWarps * (D / 8) * 32 * 16 + 16 * (D + 1) * 4;
+  return ring > merge ? ring : merge;
+}
 
 // 16 bytes global -> shared; the constant offsets ride in the instruction's immediates
 template <int SOFF, int GOFF>
@@ -266,12 +282,14 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   constexpr int NT = D / 8;  // output n-tiles
   constexpr int KW = D / 32;
 
+  constexpr int kStages = stages<D>();
+  constexpr int kAhead = kStages - 2;
+  static_assert(kAhead >= 1, "at least 3 stages");
   // merge buffers: each warp's O fragments (lane-major float4: conflict-free), per-warp
-  // row stats, and the merged, normalized rows (padded against bank conflicts)
-  // the cp.async ring during the key loop; the merge buffers after it (same bytes)
-  constexpr int kRingBytes = kWarps * kStages * stage_bytes<D>();
-  constexpr int kMergeBytes = kWarps * NT * 32 * 16 + 16 * (D + 1) * 4;
-  __shared__ __align__(16) uint8_t smem_raw[kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes];
+  // row stats, and the merged, normalized rows (padded against bank conflicts);
+  // smem_raw (dynamic, smem_bytes<D>()) holds the cp.async ring during the key loop and
+  // the merge buffers after it
+  extern __shared__ __align__(16) uint8_t smem_raw[];
   auto frag_s = reinterpret_cast<float4 (*)[NT][32]>(smem_raw);
   auto o_s = reinterpret_cast<float (*)[D + 1]>(smem_raw + kWarps * NT * 32 * 16);
   __shared__ float m_s[kWarps][16], lw_s[kWarps][16], mvw_s[kWarps][16];
@@ -774,12 +792,27 @@ int dense_policy() {  // 0 default, 1 off, 2 on
 }
 
 // r2: a row tile may hold more than 8 rows (max_query_len * G > 8)
+template <typename T, int D, bool R2, int MINB>
+void launch_kernel(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes<D>();
+  auto kern = kv4_attention_kernel<T, D, R2, MINB>;
+  if constexpr (bytes > 48 * 1024) {  // opt in to more than 48 KB, once per device
+    static unsigned long long done = 0;
+    const unsigned long long bit = current_device_bit();
+    if (!(done & bit)) {
+      QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      done |= bit;
+    }
+  }
+  kern<<<grid, kThreads, bytes, stream>>>(a);
+}
+
 template <typename T, int D, int MINB>
 void launch_kernel(const AttnArgs& a, dim3 grid, bool r2, cudaStream_t stream) {
   if (r2) {
-    kv4_attention_kernel<T, D, true, MINB><<<grid, kThreads, 0, stream>>>(a);
+    launch_kernel<T, D, true, MINB>(a, grid, stream);
   } else {
-    kv4_attention_kernel<T, D, false, MINB><<<grid, kThreads, 0, stream>>>(a);
+    launch_kernel<T, D, false, MINB>(a, grid, stream);
   }
 }
 
