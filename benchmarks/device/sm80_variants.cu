@@ -28,7 +28,7 @@ extern "C" __attribute__((visibility("default"))) int qoq_var_ncfg() {
 #ifdef VAR_FEW
   return -1;  // configurations 0, 1 and 3 only
 #else
-  return 14;
+  return 22;
 #endif
 }
 
@@ -73,6 +73,15 @@ extern "C" __attribute__((visibility("default"))) int qoq_var_run(int cfg, int g
       case 11: run_cfg<TileCfg<16, 64, 512, 1, 2, 4, 4>>(g128, a, st); break;
       case 12: run_cfg<TileCfg<16, 128, 256, 1, 4, 2, 3>>(g128, a, st); break;
       case 13: run_cfg<TileCfg<16, 32, 512, 1, 1, 4, 3>>(g128, a, st); break;
+      // 32- and 64-row tiles, for M = 17-96 (where sm_90 runs the wgmma path 3 by default)
+      case 14: run_cfg<TileCfg<64, 64, 128, 2, 2, 2, 4>>(g128, a, st); break;  // CfgMid
+      case 15: run_cfg<TileCfg<32, 64, 512, 1, 2, 4, 3>>(g128, a, st); break;
+      case 16: run_cfg<TileCfg<32, 64, 256, 1, 2, 4, 4>>(g128, a, st); break;
+      case 17: run_cfg<TileCfg<32, 128, 256, 1, 4, 2, 4>>(g128, a, st); break;
+      case 18: run_cfg<TileCfg<64, 64, 256, 1, 2, 4, 4>>(g128, a, st); break;
+      case 19: run_cfg<TileCfg<64, 64, 256, 2, 2, 2, 4>>(g128, a, st); break;
+      case 20: run_cfg<TileCfg<64, 128, 256, 1, 4, 2, 4>>(g128, a, st); break;
+      case 21: run_cfg<TileCfg<64, 128, 128, 2, 4, 1, 4>>(g128, a, st); break;
 #endif
       default: std::fprintf(stderr, "qoq_var_run: no configuration %d\n", cfg); return 1;
     }

@@ -1,12 +1,14 @@
 """Compile-time variants of the mma.sync GEMM (path 1) at small M, timed on the device.
 
-    python3 benchmarks/device/sm80_variants.py build            # /tmp/sm80v/<variant>.so
-    python3 benchmarks/device/sm80_variants.py time OUT.json [--m 8,16]
+    python3 benchmarks/device/sm80_variants.py build [--only base,...]   # /tmp/sm80v/<variant>.so
+    python3 benchmarks/device/sm80_variants.py time OUT.json [--m 8,16] [--only base,...] [--cfgs 0,3,14]
 
 Each variant is benchmarks/device/sm80_variants.cu built against a scratch copy of csrc/,
 patched as PATCHES says (asserting every line it patches, so a drifted source fails loudly).
-Tile configurations 0-13 are the TileCfg list in the .cu (0 = CfgSmall, 1 = CfgSmallN,
-3 = CfgSmallK; the patched builds have 0, 1 and 3 only).  The timing is gemm.py's: each call
+Tile configurations 0-21 are the TileCfg list in the .cu (0 = CfgSmall, 1 = CfgSmallN,
+3 = CfgSmallK, 14 = CfgMid; 14-21 have 32- or 64-row tiles; the patched builds have 0, 1
+and 3 only).  The extension's default choice (`ext@0`), path 1 and path 3 are timed
+next to them where the extension is built.  The timing is gemm.py's: each call
 captured in a CUDA graph over enough weight copies to defeat L2.  Every output is compared bit
 for bit with configuration 0 of the unpatched build (and the extension's path 1, `ext@1`, when
 built), so a configuration or patch that computes something else is reported -- except noxor
@@ -51,11 +53,13 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
           (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]
 
 
-def build():
+def build(only):
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     os.makedirs(BUILD, exist_ok=True)
     procs = []
     for name, (few, patches) in PATCHES.items():
+        if only and name not in only:
+            continue
         tree = os.path.join(BUILD, name)
         shutil.rmtree(tree, ignore_errors=True)
         shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(tree, "csrc"))
@@ -79,12 +83,14 @@ def build():
     print(f"built in {time.time() - t:.0f} s")
 
 
-def run_time(out_path, ms):
+def run_time(out_path, ms, only, cfgs):
     import torch
     sys.path.insert(0, ROOT)
     from benchmarks.gemm import HBM_TBPS, time_graph
     libs = {}
     for name in PATCHES:
+        if only and name not in only:
+            continue
         lib = ctypes.CDLL(os.path.join(BUILD, name + ".so"))
         lib.qoq_var_run.restype = ctypes.c_int
         lib.qoq_var_run.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9 + [
@@ -128,13 +134,15 @@ def run_time(out_path, ms):
                 est = max(2.0, wbytes / (HBM_TBPS * 1e6))
                 impls = []
                 for name, (few, _) in PATCHES.items():
-                    if name in PROBES and not g128:
+                    if name not in libs or (name in PROBES and not g128):
                         continue
                     ncfg = libs[name].qoq_var_ncfg()
                     for cfg in (range(ncfg) if ncfg > 0 else (0, 1, 3)):
-                        impls.append((f"{name}:c{cfg}", name, cfg))
+                        if cfg == 0 or not cfgs or cfg in cfgs:  # c0: the bit-for-bit reference
+                            impls.append((f"{name}:c{cfg}", name, cfg))
                 if ext is not None:
-                    impls += [("ext@1", None, 1), ("ext@6", None, 6)]
+                    impls += [("ext@0", None, 0), ("ext@1", None, 1)]
+                    impls += [("ext@6", None, 6)] if m <= 32 else [("ext@3", None, 3)]
                 ref = None
                 for label, name, cfg in impls:
                     def mk(o, name=name, cfg=cfg):
@@ -185,10 +193,10 @@ def run_time(out_path, ms):
 
 
 if __name__ == "__main__":
+    def opt(flag):
+        return sys.argv[sys.argv.index(flag) + 1].split(",") if flag in sys.argv else []
+    only = opt("--only")
     if sys.argv[1] == "build":
-        build()
+        build(only)
     else:
-        ms = [8, 16]
-        if "--m" in sys.argv:
-            ms = [int(x) for x in sys.argv[sys.argv.index("--m") + 1].split(",")]
-        run_time(sys.argv[2], ms)
+        run_time(sys.argv[2], [int(x) for x in opt("--m")] or [8, 16], only, [int(x) for x in opt("--cfgs")])
