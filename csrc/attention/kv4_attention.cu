@@ -112,6 +112,11 @@ constexpr int min_blocks() { return D == 64 ? QOQ_KV4_MIN_BLOCKS_64 : QOQ_KV4_MI
 // 64 x 4k 1.10x faster; forced onto every unsplit launch (VLLM_QOQ_KV4_DENSE=on) it is
 // 0.95-1.05x elsewhere, so only this rule turns it on.
 constexpr int kDenseBlocks128 = 4;
+// 1: mask every tile, as before the unmasked fast path (an A/B switch: -DQOQ_KV4_MASK_EVERY_TILE=1)
+#ifndef QOQ_KV4_MASK_EVERY_TILE
+#define QOQ_KV4_MASK_EVERY_TILE 0
+#endif
+constexpr bool kMaskEveryTile = QOQ_KV4_MASK_EVERY_TILE != 0;
 constexpr float kLog2e = 1.4426950408889634f;
 // the V bias is folded into the accumulators at least every kFoldTiles tiles of a warp
 constexpr int kFoldTiles = 8;
@@ -361,6 +366,9 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   // ---- key range of this CTA: the tile's causal span, cut into splits
   const int last_row = min(rt * 16 + 15, rows - 1);
   const int kv_hi = first_pos + last_row / G + 1;
+  // every valid row of the tile sees keys [0, kv_lo) (its first row's causal end): tiles
+  // below it skip the masking (for decode, every tile but the last of the sequence)
+  const int kv_lo = first_pos + (rt * 16) / G + 1;
   const int ntiles = (kv_hi + 15) / 16;
   const int per_split = (ntiles + a.num_splits - 1) / a.num_splits;
   const int t_begin = blockIdx.x * per_split;
@@ -401,8 +409,11 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   };
   // S = Q K^T of a staged tile (keys [0, 8) and [8, 16)); even and odd k-steps go to
   // separate accumulators so four independent mma chains overlap their latency.  One chain
-  // starts at -B_q: s + s2 = q . c.
-  auto score = [&](const uint8_t* st, const int t, Scores& o) {
+  // starts at -B_q: s + s2 = q . c.  MASK (a std::bool_constant): apply the causal end of
+  // each row and zero V's (scale, min) past kv_hi; without it (tiles wholly below kv_lo, see
+  // the key loop) every key is visible to every valid row and its page bytes are written.
+  auto score = [&](auto masktag, const uint8_t* st, const int t, Scores& o) {
+    constexpr bool MASK = decltype(masktag)::value;
     uint32_t kw[2][KW];
     lds_words<D / 8>(kw[0], st + g * CB + c * (D / 8));
     lds_words<D / 8>(kw[1], st + (8 + g) * CB + c * (D / 8));
@@ -431,18 +442,27 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
       const uint2 vsz = *reinterpret_cast<const uint2*>(st + 32 * CB + 64 + 32 * n + 8 * c);
       const float2 ka = scale_min(ksz.x), kb = scale_min(ksz.y);
       const float2 va = scale_min(vsz.x), vb = scale_min(vsz.y);
-      const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
-      o.x[n][0] = key0 < end0 ? (ka.x * (s[n][0] + s2[n][0]) + ka.y * qsum0) * qk_scale : -INFINITY;
-      o.x[n][1] = key1 < end0 ? (kb.x * (s[n][1] + s2[n][1]) + kb.y * qsum0) * qk_scale : -INFINITY;
+      o.x[n][0] = (ka.x * (s[n][0] + s2[n][0]) + ka.y * qsum0) * qk_scale;
+      o.x[n][1] = (kb.x * (s[n][1] + s2[n][1]) + kb.y * qsum0) * qk_scale;
       if constexpr (R2) {
-        o.x[n][2] = key0 < end1 ? (ka.x * (s[n][2] + s2[n][2]) + ka.y * qsum1) * qk_scale : -INFINITY;
-        o.x[n][3] = key1 < end1 ? (kb.x * (s[n][3] + s2[n][3]) + kb.y * qsum1) * qk_scale : -INFINITY;
+        o.x[n][2] = (ka.x * (s[n][2] + s2[n][2]) + ka.y * qsum1) * qk_scale;
+        o.x[n][3] = (kb.x * (s[n][3] + s2[n][3]) + kb.y * qsum1) * qk_scale;
       }
-      const bool in0 = key0 < kv_hi, in1 = key1 < kv_hi;  // stale page bytes beyond: zero
-      o.vs[n][0] = in0 ? va.x : 0.f;
-      o.vm[n][0] = in0 ? va.y : 0.f;
-      o.vs[n][1] = in1 ? vb.x : 0.f;
-      o.vm[n][1] = in1 ? vb.y : 0.f;
+      o.vs[n][0] = va.x;
+      o.vm[n][0] = va.y;
+      o.vs[n][1] = vb.x;
+      o.vm[n][1] = vb.y;
+      if constexpr (MASK) {
+        const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
+        if (!(key0 < end0)) o.x[n][0] = -INFINITY;
+        if (!(key1 < end0)) o.x[n][1] = -INFINITY;
+        if constexpr (R2) {
+          if (!(key0 < end1)) o.x[n][2] = -INFINITY;
+          if (!(key1 < end1)) o.x[n][3] = -INFINITY;
+        }
+        if (!(key0 < kv_hi)) o.vs[n][0] = o.vm[n][0] = 0.f;  // stale page bytes beyond: zero
+        if (!(key1 < kv_hi)) o.vs[n][1] = o.vm[n][1] = 0.f;
+      }
     }
   };
 
@@ -503,11 +523,12 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   // over all N x 16 keys (one running-max step, one rescale branch), then P V.  fold: fold
   // the V bias now.  Two tiles per step halve the softmax bookkeeping per key and give the
   // warp two independent S chains to interleave.
-  auto step = [&](auto ntag, const uint8_t* const (&st)[2], const int (&t)[2], const bool fold) {
+  auto step = [&](auto ntag, auto masktag, const uint8_t* const (&st)[2], const int (&t)[2],
+                  const bool fold) {
     constexpr int N = decltype(ntag)::value;
     Scores sc[N];
 #pragma unroll
-    for (int u = 0; u < N; ++u) score(st[u], t[u], sc[u]);
+    for (int u = 0; u < N; ++u) score(masktag, st[u], t[u], sc[u]);
     float p[N][2][4];
     // Online-softmax update of one of the thread's rows, whose logits are x[n][K], x[n][K + 1]
     // (K = 0: row r0, K = 2: row r1): running max m, sum l and sum p * min_v mv; fills
@@ -613,9 +634,13 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
     const int t[2] = {t0 + i * kWarps, t0 + (i + 1) * kWarps};
     const bool fold = (i & (kFoldTiles - 1)) == kFoldTiles - 2;  // every kFoldTiles tiles
     if (i + 1 < n_mine) {
-      step(std::integral_constant<int, 2>{}, st, t, fold);
+      if (kMaskEveryTile || (t[1] + 1) * 16 > kv_lo) {  // warp-uniform
+        step(std::integral_constant<int, 2>{}, std::true_type{}, st, t, fold);
+      } else {
+        step(std::integral_constant<int, 2>{}, std::false_type{}, st, t, fold);
+      }
     } else {
-      step(std::integral_constant<int, 1>{}, st, t, fold);
+      step(std::integral_constant<int, 1>{}, std::true_type{}, st, t, fold);
     }
     rd = next(rd1);
     __syncwarp();  // every lane is done with these stages before they are refilled
