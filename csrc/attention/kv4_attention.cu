@@ -74,7 +74,9 @@
 //   thread's outputs (cols 2c, 2c+1) are dims 2c*D/8 + i and (2c+1)*D/8 + i.
 // Keys beyond a row's causal end (and the rest of a partially filled page, whose
 // bytes may be stale) are masked with selects, so NaN scales there never leak: their
-// P' is 0, so their (finite, biased) codes add nothing to acc or PS.
+// P' is 0, so their (finite, biased) codes add nothing to acc or PS.  Only tiles that
+// reach the row tile's first causal end (kv_lo) are masked; the tiles below it (for
+// decode, all but the sequence's last) take the score function without the selects.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
