@@ -127,6 +127,17 @@ def test_decode_batch(dtype, hq, hkv, d, bs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,q_len", [(32, 8, 128, 2), (16, 8, 64, 3), (32, 8, 64, 2)])
+def test_decode_several_tokens_few_rows(dtype, hq, hkv, d, q_len):
+    """Speculative-decoding shapes: q_len * G <= 8 rows (the O^T decode build) whose causal
+    ends differ by token; long contexts take the unmasked tiles below the first row's end,
+    then the masked ones (kv4_attention.cu, kv_lo)."""
+    specs = [(q_len, q_len), (17, q_len), (100, q_len), (1000, q_len), (4097, q_len), (33, q_len)]
+    _check(specs, hq, hkv, d, 16, dtype, num_splits=1)
+    _check(specs, hq, hkv, d, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,bs", [(32, 8, 16), (8, 2, 32)])
 def test_decode_dense_occupancy_batch(dtype, hq, hkv, bs):
     """Unsplit head_dim-128 decode with 3 x SMs < CTAs <= 4 x SMs runs the 4-CTA-per-SM build
