@@ -131,8 +131,11 @@ def test_decode_batch(dtype, hq, hkv, d, bs):
 def test_decode_several_tokens_few_rows(dtype, hq, hkv, d, q_len):
     """Speculative-decoding shapes: q_len * G <= 8 rows (the O^T decode build) whose causal
     ends differ by token; long contexts take the unmasked tiles below the first row's end,
-    then the masked ones (kv4_attention.cu, kv_lo)."""
-    specs = [(q_len, q_len), (17, q_len), (100, q_len), (1000, q_len), (4097, q_len), (33, q_len)]
+    then the masked ones (kv4_attention.cu, kv_lo).  Contexts that are multiples of 16 end a
+    warp's last tile pair exactly at the last token's key, which the earlier tokens' rows must
+    not see: a kernel that skipped masking up to the last row's end fails there."""
+    specs = [(q_len, q_len), (17, q_len), (80, q_len), (96, q_len), (128, q_len), (100, q_len),
+             (1024, q_len), (2064, q_len), (4097, q_len)]
     _check(specs, hq, hkv, d, 16, dtype, num_splits=1)
     _check(specs, hq, hkv, d, 16, dtype)
 
