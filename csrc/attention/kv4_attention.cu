@@ -818,7 +818,7 @@ int dense_policy() {  // 0 default, 1 off, 2 on
   return p;
 }
 
-// r2: a row tile may hold more than 8 rows (max_query_len * G > 8)
+// One build, with its dynamic shared memory (the ring / merge buffers, smem_bytes<D>()).
 template <typename T, int D, bool R2, int MINB>
 void launch_kernel(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
   constexpr int bytes = smem_bytes<D>();
@@ -834,6 +834,7 @@ void launch_kernel(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
   kern<<<grid, kThreads, bytes, stream>>>(a);
 }
 
+// r2: a row tile may hold more than 8 rows (max_query_len * G > 8)
 template <typename T, int D, int MINB>
 void launch_kernel(const AttnArgs& a, dim3 grid, bool r2, cudaStream_t stream) {
   if (r2) {
