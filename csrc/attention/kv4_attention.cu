@@ -227,11 +227,14 @@ constexpr int stages() { return D == 64 ? QOQ_KV4_STAGES_64 : QOQ_KV4_STAGES_128
 template <int D>
 constexpr int stage_bytes() { return 32 * (D / 2) + 128; }
 // the kernel's dynamic shared memory: the cp.async ring during the key loop, the merge
-// buffers after it (same bytes): each warp's O fragments (NT x 32 float4) + 16 merged rows
+// buffers after it (same bytes): each warp's O fragments (D/8 x 32 float4), then the 16
+// merged rows (D + 1 floats each)
+template <int D>
+constexpr int frag_bytes() { return kWarps * (D / 8) * 32 * 16; }
 template <int D>
 constexpr int smem_bytes() {
   constexpr int ring = kWarps * stages<D>() * stage_bytes<D>();
-  constexpr int merge = kWarps * (D / 8) * 32 * 16 + 16 * (D + 1) * 4;
+  constexpr int merge = frag_bytes<D>() + 16 * (D + 1) * 4;
   return ring > merge ? ring : merge;
 }
 
@@ -298,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
   // the merge buffers after it
   extern __shared__ __align__(16) uint8_t smem_raw[];
   auto frag_s = reinterpret_cast<float4 (*)[NT][32]>(smem_raw);
-  auto o_s = reinterpret_cast<float (*)[D + 1]>(smem_raw + kWarps * NT * 32 * 16);
+  auto o_s = reinterpret_cast<float (*)[D + 1]>(smem_raw + frag_bytes<D>());
   __shared__ float m_s[kWarps][16], lw_s[kWarps][16], mvw_s[kWarps][16];
   __shared__ float l_s[16], mx_s[16], mvs_s[16];
 
@@ -436,7 +439,6 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
         Tr::mma(s2[n], qa[j + 1], bk[2], bk[3]);
       }
     }
-    const int kbase = t * 16;
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
       // (scale, zero) of keys (8n + 2c, 8n + 2c + 1), K and V
@@ -455,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, MINB) kv4_attention_kernel(AttnArgs 
       o.vs[n][1] = vb.x;
       o.vm[n][1] = vb.y;
       if constexpr (MASK) {
-        const int key0 = kbase + 8 * n + 2 * c, key1 = key0 + 1;
+        const int key0 = t * 16 + 8 * n + 2 * c, key1 = key0 + 1;
         if (!(key0 < end0)) o.x[n][0] = -INFINITY;
         if (!(key1 < end0)) o.x[n][1] = -INFINITY;
         if constexpr (R2) {
