@@ -12,7 +12,7 @@ method, so qoq/fp8/int8 are compared on equal terms and BF16 is flattered slight
   machete_w4a16         vLLM machete_mm, uint4b8, g128, bf16 activations
   marlin_w4a16          vLLM marlin_gemm, uint4b8, g128, bf16 activations
   marlin_w4a8           vLLM marlin_gemm with int8 activations (W4A8-INT8), uint4b8
-  qoq_chn@P, qoq_g128@P one forced kernel path P (1, 3, 4, 5, 6, 7) through
+  qoq_chn@P, qoq_g128@P one forced kernel path P (1, 3, 4, 5, 6, 7, 8) through
                         qoq_debug::w4a8_acc, int32 accumulators out (no float epilogue);
                         qoq_chn@P:bf16 the same path with the real bf16 epilogue
                         (qoq_debug::w4a8_gemm), e.g. --impls qoq_chn@3:bf16,qoq_chn@7:bf16
@@ -95,7 +95,7 @@ def build_qoq(variant, m, n, k, gen, path=None, epilogue=False):
     """The qoq GEMM as the real ops run it, or (path given) one kernel path forced through
     qoq_debug::w4a8_acc (int32 accumulators out, no float epilogue): `--impls
     qoq_chn@1,qoq_chn@5` compares the mma.sync kernel (1) with the dp4a GEMV (5);
-    6 = the mma.sync weight stream (M <= 32); 3/4 = wgmma without/with CTA-pair multicast;
+    6 = the mma.sync weight stream (M <= 32), 8 = the same through per-warp rings; 3/4 = wgmma without/with CTA-pair multicast;
     7 = persistent wgmma (path 3 where the tiles fit in one wave).  With epilogue=True
     (`qoq_chn@7:bf16`) the forced path runs the real ops' computation, bf16 out, through
     qoq_debug::w4a8_gemm (A/B of paths with the float epilogue in one run)."""
@@ -106,7 +106,7 @@ def build_qoq(variant, m, n, k, gen, path=None, epilogue=False):
         raise Skip(f"vllm_qoq._C not built: {ops.extension_error()}")
     if variant == "g128" and k % 128:
         raise Skip("g128 needs K % 128 == 0")
-    if (path == 5 and m > 16) or (path == 6 and m > 32):
+    if (path == 5 and m > 16) or (path in (6, 8) and m > 32):
         raise Skip(f"path {path} does not serve M={m}")
     if path in (2, 3, 4, 7) and not torch.ops.qoq_debug.sm90_available():
         raise Skip("no sm_90a kernels on this GPU/build")

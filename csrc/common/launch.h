@@ -80,10 +80,11 @@ void w4a8_gemm_sm80_g128(const W4A8Args& a, OutKind out, cudaStream_t stream);
 // the activation tile through TMA multicast.
 void w4a8_gemm_sm90_chn(const W4A8Args& a, OutKind out, bool cluster, cudaStream_t stream);
 void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, bool cluster, cudaStream_t stream);
-// Weight-streaming kernels for small M, csrc/gemm/w4a8_gemv.cu (sm_80+): mma = false: dp4a
-// on CUDA cores (M <= 16); mma = true: mma.sync m16n8k32 (M <= 32).
-void w4a8_gemv_chn(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream);
-void w4a8_gemv_g128(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream);
+// Weight-streaming kernels for small M, csrc/gemm/w4a8_gemv.cu (sm_80+): kind 0: dp4a on
+// CUDA cores (M <= 16); 1: mma.sync m16n8k32 (the MMV, M <= 32); 2: the MMV through a
+// per-warp cp.async ring (M <= 32).
+void w4a8_gemv_chn(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream);
+void w4a8_gemv_g128(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream);
 // True when `device` is sm_90 and this build runs the sm_90a kernels on it (one device
 // round trip; call outside CUDA-graph capture and cache the answer).
 bool w4a8_sm90_available(int device);

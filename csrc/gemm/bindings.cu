@@ -68,7 +68,7 @@ at::Tensor& workspace(const at::Device& dev) {
 // GPU (it was written after the last device run of this work); flip this once it has.
 constexpr bool kClusterByDefault = false;
 
-// VLLM_QOQ_GEMM_PATH=sm80|sm90|sm90-nocluster|sm90-cluster|gemv|mmv|sm90-persistent forces
+// VLLM_QOQ_GEMM_PATH=sm80|sm90|sm90-nocluster|sm90-cluster|gemv|mmv|sm90-persistent|mmr forces
 // a path (A/B runs); read once.  sm90-persistent is the default choice with path 7 in place
 // of the wgmma default (the small-M weight-stream paths keep their M ranges).
 int forced_path() {
@@ -82,6 +82,7 @@ int forced_path() {
     if (std::strcmp(e, "gemv") == 0) return 5;
     if (std::strcmp(e, "mmv") == 0) return 6;
     if (std::strcmp(e, "sm90-persistent") == 0) return 7;
+    if (std::strcmp(e, "mmr") == 0) return 8;
     return 0;
   }();
   return p;
@@ -106,7 +107,7 @@ bool sm90_ok(int device, cudaStream_t stream) {
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M,
 // then the mma.sync tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
-// returns 1, 3, 4, 5, 6 or 7 (2 resolved to its default, 3 or 4).
+// returns 1, 3, 4, 5, 6, 7 or 8 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2; g128 off sm_90: 4; at
 // most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off; g128 off
 // sm_90: 8; at most 32); 0 turns either off.  Defaults from the H100 sweeps in
@@ -128,6 +129,12 @@ int gemv_max_m(bool g128, int device) {
 int mmv_max_m(bool g128, int device) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 && !cc9(device) ? 8 : 0);
+}
+// The ring MMV (path 8) serves M <= VLLM_QOQ_MMR_MAX_M (default off; at most 32).
+int mmr_max_m(int device) {
+  (void)device;
+  static const int v = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32);
+  return v >= 0 ? v : 0;
 }
 // The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
 // 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
@@ -157,7 +164,9 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
     return 5;
   if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128, device)))
     return 6;
-  if (requested == 5 || requested == 6) requested = 0;
+  if ((requested == 8 || requested == 0) && a.M <= (requested == 8 ? 32 : mmr_max_m(device)))
+    return 8;
+  if (requested == 5 || requested == 6 || requested == 8) requested = 0;
   if (requested == 0) {
     if (a.M > 16 && sm90_ok(device, stream)) {
       const int min_m = persistent_min_m();
@@ -250,8 +259,9 @@ at::Tensor run_gemm(W4A8Args& a, bool g128, at::ScalarType out_dtype, const at::
   a.out = out.data_ptr();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const int path = choose_path(a, g128, requested_path, dev.index(), stream);
-  if (path == 5 || path == 6) {
-    g128 ? w4a8_gemv_g128(a, ok, path == 6, stream) : w4a8_gemv_chn(a, ok, path == 6, stream);
+  if (path == 5 || path == 6 || path == 8) {
+    const int kind = path == 5 ? 0 : path == 6 ? 1 : 2;
+    g128 ? w4a8_gemv_g128(a, ok, kind, stream) : w4a8_gemv_chn(a, ok, kind, stream);
   } else if (path == 7) {
     g128 ? w4a8_gemm_sm90p_g128(a, ok, max_ctas, stream) : w4a8_gemm_sm90p_chn(a, ok, max_ctas, stream);
   } else if (path >= 3) {
@@ -349,7 +359,8 @@ at::Tensor w4a8_g128_gemm_cuda(const at::Tensor& qx, const at::Tensor& sx, const
 // path: 0 = as the real ops choose, 1 = mma.sync kernels, 2 = wgmma kernels (sm_90a) as
 // configured, 3 = wgmma without clusters, 4 = wgmma with CTA-pair multicast, 5 = the dp4a
 // GEMV (M <= 16), 6 = the mma.sync weight stream (M <= 32), 7 = persistent wgmma (path 3
-// where the tiles fit in one wave).  max_ctas > 0 (path 7 only): the persistent kernel with
+// where the tiles fit in one wave), 8 = the weight stream through per-warp rings (M <= 32).
+// max_ctas > 0 (path 7 only): the persistent kernel with
 // at most that many CTAs on any shape, never the path-3 fallback (tests of the cross-tile
 // pipeline on small shapes).
 at::Tensor w4a8_acc_debug(const at::Tensor& qx, const at::Tensor& qweight,

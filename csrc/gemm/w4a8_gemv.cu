@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "common/device.cuh"
 #include "common/launch.h"
@@ -329,6 +330,245 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
   }
 }
 
+// ---- The MMA weight stream through a per-warp cp.async ring (path 8, "MMR").  Same math and
+// split as the MMV above (CTA = NB blocks of 32 output channels x a range of k-steps, warps
+// taking the steps round-robin), but each warp stages its own steps -- its lanes' weight
+// words, the 16*MT activation rows of the step (16-byte chunks, XOR-swizzled for ldmatrix)
+// and, for g128, the step's s2/zneg bytes -- in its own RING_STAGES-deep ring in shared
+// memory.  Nothing in the K loop waits for another warp: a warp waits for its own copies
+// (cp.async.wait_group) and meets its lanes (__syncwarp, for ldmatrix), never the CTA.  Why:
+// on H100 path 1's 16-row tiles spend their time on CTA-wide barriers (ncu at 4096 x 4096,
+// M = 16: barrier stalls lead, benchmarks/results/gemm-notes.md), and the MMV, which has no
+// barriers, loads one step at a time and reads its activations with 4-byte loads.
+constexpr int kRingWarps = 4;
+constexpr int kRingThreads = 32 * kRingWarps;
+constexpr int kRingStages = 4;
+
+template <int MT, int NB, bool G128>
+struct Ring {
+  static constexpr int W_BYTES = NB * kStep * 512;      // lane-ordered weight words of a step
+  static constexpr int A_BYTES = MT * 16 * kStep * 32;  // 16*MT rows x 128 activations
+  static constexpr int S_BYTES = G128 ? NB * 64 : 0;    // s2, then zneg: 32 bytes per block
+  static constexpr int SLOT = W_BYTES + A_BYTES + S_BYTES;
+  static constexpr int SMEM = kRingWarps * kRingStages * SLOT;
+  static constexpr int ROWS = 16 * MT, COLS = 32 * NB;  // the CTA's outputs
+  static_assert(kRingWarps * ROWS * COLS * 4 <= SMEM, "the warp reduction reuses the ring");
+  static_assert(SLOT % 16 == 0, "16-byte copies");
+};
+
+// Issue the copies of step `kc` (its first k32 block; blocks from kc_end on read as zeros)
+// into `slot`: every lane its own 16-byte weight word per (block, k32), the activation rows
+// as 16-byte chunks (chunk ch of row r at chunk position ch ^ (r & 7)), and the g128 bytes.
+template <int MT, int NB, bool G128>
+__device__ __forceinline__ void ring_load(uint8_t* slot, const W4A8Args& a, int nc0, int kc,
+                                          int kc_end, int lane) {
+  using R = Ring<MT, NB, G128>;
+  const int kblocks = a.K / 32;
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      const bool v = kc + s < kc_end;
+      const uint8_t* src =
+          v ? a.qweight + ((static_cast<int64_t>(nc0 + b) * kblocks + kc + s) * 32 + lane) * 16
+            : a.qweight;
+      dev::cp_async16(slot + ((b * kStep + s) * 32 + lane) * 16, src, v);
+    }
+  uint8_t* sa = slot + R::W_BYTES;
+#pragma unroll
+  for (int c = lane; c < R::ROWS * 8; c += 32) {
+    const int r = c / 8, ch = c % 8;
+    const bool v = r < a.M && kc + ch / 2 < kc_end;
+    const int8_t* src = v ? a.qx + static_cast<int64_t>(r) * a.K + kc * 32 + ch * 16 : a.qx;
+    dev::cp_async16(sa + r * 128 + ((ch ^ (r & 7)) * 16), src, v);
+  }
+  if constexpr (G128) {
+    if (lane < 4 * NB) {  // lane = 4*b + 2*which + piece
+      const int b = lane / 4, which = (lane / 2) & 1, piece = lane & 1;
+      const uint8_t* base = which ? a.zneg : a.s2;
+      const uint8_t* src =
+          base + static_cast<int64_t>(kc / kStep) * a.Np + (nc0 + b) * 32 + piece * 16;
+      dev::cp_async16(sa + R::A_BYTES + (which * NB + b) * 32 + piece * 16, src, true);
+    }
+  }
+}
+
+template <int MT, int NB, bool G128, OutKind OUT>
+__global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a, int steps_per_split) {
+  using R = Ring<MT, NB, G128>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int nc0 = blockIdx.x * NB;
+  const int kblocks = a.K / 32;
+  const int kc_begin = blockIdx.y * steps_per_split * kStep;
+  const int kc_end = min(kblocks, kc_begin + steps_per_split * kStep);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  uint8_t* ring = smem + warp * kRingStages * R::SLOT;
+  // this warp's steps: kc_begin + (warp + i * kRingWarps) * kStep, i < nsteps
+  const int cta_steps = (kc_end - kc_begin + kStep - 1) / kStep;
+  const int nsteps = warp < cta_steps ? (cta_steps - warp + kRingWarps - 1) / kRingWarps : 0;
+  auto step_kc = [&](int i) { return kc_begin + (warp + i * kRingWarps) * kStep; };
+
+  int32_t acc[MT][NB][4][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][b][j][e] = 0;
+
+#pragma unroll
+  for (int p = 0; p < kRingStages - 1; ++p) {
+    if (p < nsteps) ring_load<MT, NB, G128>(ring + p * R::SLOT, a, nc0, step_kc(p), kc_end, lane);
+    dev::cp_async_commit();
+  }
+  for (int i = 0; i < nsteps; ++i) {
+    dev::cp_async_wait<kRingStages - 2>();
+    __syncwarp();  // every lane's copies of step i landed; every lane is done with step i - 1
+    {
+      const int nxt = i + kRingStages - 1;
+      if (nxt < nsteps)
+        ring_load<MT, NB, G128>(ring + (nxt % kRingStages) * R::SLOT, a, nc0, step_kc(nxt), kc_end, lane);
+      dev::cp_async_commit();
+    }
+    const uint8_t* sw = ring + (i % kRingStages) * R::SLOT;
+    const uint8_t* sa = sw + R::W_BYTES;
+    const int kc = step_kc(i);
+    uint32_t s2w[NB], znw[NB];
+    if constexpr (G128) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        s2w[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + b * 32 + 4 * g);
+        znw[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + (NB + b) * 32 + 4 * g);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kStep; ++s) {
+      if (kc + s >= kc_end) break;
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int ch = 2 * s + (lane >> 4);
+        dev::ldmatrix_x4(af[mt], sa + row * 128 + ((ch ^ (row & 7)) * 16));
+      }
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        const uint4 w = *reinterpret_cast<const uint4*>(sw + ((b * kStep + s) * 32 + lane) * 16);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
+          if constexpr (G128) {
+            const uint32_t s2 = (s2w[b] >> (8 * j)) & 0xFFu;
+            const uint32_t z4 = dev::g128_zc(znw[b] >> (8 * j));
+            b0 = dev::dequant_g128(b0, s2, z4);
+            b1 = dev::dequant_g128(b1, s2, z4);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) dev::mma_s8_16832(acc[mt][b][j], af[mt], b0, b1);
+        }
+      }
+    }
+  }
+  dev::cp_async_wait<0>();
+
+  // ---- reduce over warps through the (now idle) ring memory: C fragment c0,c1 =
+  // C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of block b is output channel
+  // 32*(nc0 + b) + 8*j + c.
+  __syncthreads();
+  int32_t* red = reinterpret_cast<int32_t*>(smem);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          red[(warp * R::ROWS + 16 * i + g + 8 * (e / 2)) * R::COLS + 32 * b + 8 * j + 2 * t + (e % 2)] =
+              acc[i][b][j][e];
+  __syncthreads();
+  const int tid = threadIdx.x;
+  constexpr int kOut = R::ROWS * R::COLS;
+  constexpr int kPer = kOut / kRingThreads;
+  static_assert(kOut % kRingThreads == 0, "outputs per thread");
+  int32_t v[kPer];
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int o = tid + q * kRingThreads;
+    v[q] = 0;
+#pragma unroll
+    for (int w2 = 0; w2 < kRingWarps; ++w2) v[q] += red[w2 * kOut + o];
+  }
+
+  // ---- split-K over CTAs: exact int32 atomics into the [M, Np] workspace; the block's last
+  // CTA reads the sums back and zeroes them and its counter (the workspace stays clean).
+  if (gridDim.y > 1) {
+    int32_t* wsp = a.workspace;
+    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + blockIdx.x;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int o = tid + q * kRingThreads;
+      if (o / R::COLS < a.M) atomicAdd(wsp + static_cast<int64_t>(o / R::COLS) * a.Np + nc0 * 32 + o % R::COLS, v[q]);
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int o = tid + q * kRingThreads;
+      if (o / R::COLS < a.M) {
+        int32_t* p = wsp + static_cast<int64_t>(o / R::COLS) * a.Np + nc0 * 32 + o % R::COLS;
+        v[q] = __ldcg(p);
+        __stcg(p, 0);
+      }
+    }
+    if (tid == 0) *counter = 0;
+  }
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int o = tid + q * kRingThreads;
+    const int m = o / R::COLS, n = nc0 * 32 + o % R::COLS;
+    if (m < a.M && n < a.N) epi::store1<G128, OUT>(a, m, n, v[q]);
+  }
+}
+
+// One wave of CTAs: as many k-splits as fill the resident CTA slots (at least one step per
+// warp), one CTA per channel block when the blocks alone fill them.
+template <int MT, int NB, bool G128, OutKind OUT>
+void launch_ring(const W4A8Args& a, cudaStream_t stream) {
+  using R = Ring<MT, NB, G128>;
+  auto kern = w4a8_mmr_kernel<MT, NB, G128, OUT>;
+  static unsigned long long setup_done = 0;  // per instantiation, one bit per device
+  static int per_sm = 1;
+  const unsigned long long bit = current_device_bit();
+  if (!(setup_done & bit)) {
+    QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, R::SMEM));
+    int n = 0;
+    QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kRingThreads, R::SMEM));
+    per_sm = std::max(1, n);
+    setup_done |= bit;
+  }
+  const int blocks = a.Np / (32 * NB);
+  const int kblocks = a.K / 32;
+  const int steps = (kblocks + kStep - 1) / kStep;
+  const int slots = per_sm * a.num_sms;
+  int splits = std::max(1, std::min(slots / blocks, steps / kRingWarps));
+  const int64_t need = static_cast<int64_t>(a.M) * a.Np + blocks;
+  if (a.workspace == nullptr || need > a.workspace_ints) splits = 1;
+  const int per = (steps + splits - 1) / splits;
+  splits = (steps + per - 1) / per;
+  kern<<<dim3(blocks, splits), kRingThreads, R::SMEM, stream>>>(a, per);
+  QOQ_CUDA_CHECK(cudaGetLastError());
+}
+
 template <int MT, bool G128, OutKind OUT, bool MMA>
 void launch(const W4A8Args& a, cudaStream_t stream) {
   const int blocks = a.Np / 32;
@@ -351,9 +591,22 @@ void launch(const W4A8Args& a, cudaStream_t stream) {
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
+// kind: 0 = the dp4a GEMV (M <= 16), 1 = the MMV (M <= 32), 2 = the ring MMV (M <= 32; 64
+// channels per CTA where Np allows and VLLM_QOQ_MMR_BLOCKS != 1, else 32).
 template <bool G128, OutKind OUT>
-void dispatch(const W4A8Args& a, bool mma, cudaStream_t stream) {
-  if (mma) {
+void dispatch(const W4A8Args& a, int kind, cudaStream_t stream) {
+  if (kind == 2) {
+    static const int nb = [] {
+      const char* e = std::getenv("VLLM_QOQ_MMR_BLOCKS");
+      return (e != nullptr && std::atoi(e) == 1) ? 1 : 2;
+    }();
+    const bool two = nb == 2 && a.Np % 64 == 0;
+    if (a.M <= 16) {
+      two ? launch_ring<1, 2, G128, OUT>(a, stream) : launch_ring<1, 1, G128, OUT>(a, stream);
+    } else {
+      two ? launch_ring<2, 2, G128, OUT>(a, stream) : launch_ring<2, 1, G128, OUT>(a, stream);
+    }
+  } else if (kind == 1) {
     if (a.M <= 16) {
       launch<1, G128, OUT, true>(a, stream);
     } else {
@@ -373,22 +626,22 @@ void dispatch(const W4A8Args& a, bool mma, cudaStream_t stream) {
 }
 
 template <bool G128>
-void run(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
+void run(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
   switch (out) {
-    case OutKind::F16: dispatch<G128, OutKind::F16>(a, mma, stream); break;
-    case OutKind::BF16: dispatch<G128, OutKind::BF16>(a, mma, stream); break;
-    case OutKind::I32: dispatch<G128, OutKind::I32>(a, mma, stream); break;
+    case OutKind::F16: dispatch<G128, OutKind::F16>(a, kind, stream); break;
+    case OutKind::BF16: dispatch<G128, OutKind::BF16>(a, kind, stream); break;
+    case OutKind::I32: dispatch<G128, OutKind::I32>(a, kind, stream); break;
   }
 }
 
 }  // namespace gemv
 
-void w4a8_gemv_chn(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
-  gemv::run<false>(a, out, mma, stream);
+void w4a8_gemv_chn(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
+  gemv::run<false>(a, out, kind, stream);
 }
 
-void w4a8_gemv_g128(const W4A8Args& a, OutKind out, bool mma, cudaStream_t stream) {
-  gemv::run<true>(a, out, mma, stream);
+void w4a8_gemv_g128(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
+  gemv::run<true>(a, out, kind, stream);
 }
 
 }  // namespace qoq

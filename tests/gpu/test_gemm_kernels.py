@@ -98,9 +98,10 @@ def test_quantize_per_token_3d_and_ties():
 # tile through TMA multicast; 5: the dp4a GEMV (M <= 16; the real ops use it for
 # M <= VLLM_QOQ_GEMV_MAX_M, default 2; 4 for g128 off sm_90); 6: the mma.sync weight stream
 # (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off; 8 for g128 off sm_90); 7: persistent wgmma
-# (path 3 where the tiles fit in one wave).  (2 = the wgmma default.)
-PATHS = [1, 3, 4, 5, 6, 7]
-MAX_M = {5: 16, 6: 32}
+# (path 3 where the tiles fit in one wave); 8: the weight stream through per-warp rings (M <= 32;
+# real ops up to VLLM_QOQ_MMR_MAX_M).  (2 = the wgmma default.)
+PATHS = [1, 3, 4, 5, 6, 7, 8]
+MAX_M = {5: 16, 6: 32, 8: 32}
 
 
 def _need_path(path):
@@ -244,7 +245,7 @@ def test_split_k_paths_share_a_clean_workspace(gs):
     stay exact.  M = 256 / 64 / 40 at N = K = 4096 split path 3's K."""
     _need_path(3)
     n, k = 4096, 4096
-    for m, path in [(256, 3), (8, 1), (64, 3), (2, 5), (40, 3), (16, 6), (256, 3), (12, 1)]:
+    for m, path in [(256, 3), (8, 1), (64, 3), (2, 5), (40, 3), (16, 6), (256, 3), (12, 1), (16, 8), (30, 8)]:
         acc, want = _acc_case(m, n, k, gs, seed=m + path, path=path)
         assert torch.equal(acc, want), (m, path)
 
@@ -502,11 +503,12 @@ def test_persistent_pingpong_schedule_runs_every_path7_test():
     assert r.returncode == 0 and " passed" in r.stdout and " failed" not in r.stdout, tail
 
 
-@pytest.mark.parametrize("path", [5, 6])
+@pytest.mark.parametrize("path", [5, 6, 8])
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (96, 576), (1536, 4608), (28672, 4096)])
 def test_weight_stream_every_small_m(n, k, gs, path):
-    """The GEMV (5) and MMV (6) against the exact product for every M they serve (each
+    """The GEMV (5), MMV (6) and ring MMV (8: 64 channels per CTA, 32 where N rounded up to
+    32 is not a multiple of 64, as at N = 96) against the exact product for every M they serve (each
     register-tile size below and at its capacity), incl. split-K and K % 128 != 0."""
     if gs == 128 and k % 128:
         pytest.skip("g128 needs K % 128 == 0")
