@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Path 8 (the weight stream through per-warp cp.async rings, csrc/gemm/w4a8_gemv.cu) against
-# path 1 (mma.sync tiles, the sm_90 default at M = 3-16), path 6 (the MMV) and FP8 at M = 1-32
+# path 1 (mma.sync tiles, the sm_90 default at M = 3-16), path 6 (the MMV), path 5 (the GEMV) and FP8 at M = 1-32
 # on the Llama-3-8B/-70B shapes.  Needs no vLLM.  Two calls, back to back on one machine:
 #   bash benchmarks/device/mmr_ab.sh build   # the extension for sm_90a, then the GEMM GPU tests
-#   bash benchmarks/device/mmr_ab.sh time    # one process with 64-channel CTAs (the default),
-#                                            # one with 32 (VLLM_QOQ_MMR_BLOCKS=1)
+#   bash benchmarks/device/mmr_ab.sh time    # one process with the defaults (32-channel
+#                                            # blocks, stream-K), one per other split policy
+#                                            # (VLLM_QOQ_MMR_SPLIT) and one with 64-channel
+#                                            # blocks (VLLM_QOQ_MMR_BLOCKS=2)
 # Results under $OUT: build.log, tests.log, gemm-*-mmr*.json/md.  MMR_M overrides the M list.
 set -eo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,11 +22,15 @@ case "${1:-}" in
     python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -15 ;;
   time)
+    # qoq_*@8: 32-channel blocks, stream-K (the defaults); then one process per other setting
     python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr --out "$OUT" \
-      --impls qoq_chn,qoq_g128,qoq_chn@1,qoq_chn@6,qoq_chn@8,qoq_g128@1,qoq_g128@6,qoq_g128@8,fp8 \
+      --impls qoq_chn,qoq_g128,qoq_chn@1,qoq_chn@5,qoq_chn@8,qoq_g128@1,qoq_g128@5,qoq_g128@8,fp8 \
       > "$OUT/time.log" 2>&1 || { tail -20 "$OUT/time.log"; exit 1; }
-    VLLM_QOQ_MMR_BLOCKS=1 python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr-nb1 \
-      --out "$OUT" --impls qoq_chn@8,qoq_g128@8 > "$OUT/time-nb1.log" 2>&1 || { tail -20 "$OUT/time-nb1.log"; exit 1; }
+    for v in "split1 VLLM_QOQ_MMR_SPLIT=1" "split2 VLLM_QOQ_MMR_SPLIT=2" "nb2 VLLM_QOQ_MMR_BLOCKS=2"; do
+      set -- $v
+      env "$2" python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr-$1 \
+        --out "$OUT" --impls qoq_chn@8,qoq_g128@8 > "$OUT/time-$1.log" 2>&1 || { tail -20 "$OUT/time-$1.log"; exit 1; }
+    done
     echo done ;;
   *) echo "usage: $0 build|time"; exit 2 ;;
 esac

@@ -330,9 +330,10 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
   }
 }
 
-// ---- The MMA weight stream through a per-warp cp.async ring (path 8, "MMR").  Same math and
-// split as the MMV above (CTA = NB blocks of 32 output channels x a range of k-steps, warps
-// taking the steps round-robin), but each warp stages its own steps -- its lanes' weight
+// ---- The MMA weight stream through a per-warp cp.async ring (path 8, "MMR").  Same math as
+// the MMV above; the work is the (channel block of 32*NB outputs, k-step) space, balanced
+// over one wave of CTAs stream-K fashion (launch_ring), and in each block a CTA touches its
+// warps take the steps round-robin.  Each warp stages its own steps -- its lanes' weight
 // words, the 16*MT activation rows of the step (16-byte chunks, XOR-swizzled for ldmatrix)
 // and, for g128, the step's s2/zneg bytes -- in its own RING_STAGES-deep ring in shared
 // memory.  Nothing in the K loop waits for another warp: a warp waits for its own copies
@@ -350,9 +351,9 @@ struct Ring {
   static constexpr int A_BYTES = MT * 16 * kStep * 32;  // 16*MT rows x 128 activations
   static constexpr int S_BYTES = G128 ? NB * 64 : 0;    // s2, then zneg: 32 bytes per block
   static constexpr int SLOT = W_BYTES + A_BYTES + S_BYTES;
-  static constexpr int SMEM = kRingWarps * kRingStages * SLOT;
-  static constexpr int ROWS = 16 * MT, COLS = 32 * NB;  // the CTA's outputs
-  static_assert(kRingWarps * ROWS * COLS * 4 <= SMEM, "the warp reduction reuses the ring");
+  static constexpr int RING_BYTES = kRingWarps * kRingStages * SLOT;
+  static constexpr int ROWS = 16 * MT, COLS = 32 * NB;  // a segment's outputs
+  static constexpr int SMEM = RING_BYTES + kRingWarps * ROWS * COLS * 4;  // + the warp sums
   static_assert(SLOT % 16 == 0, "16-byte copies");
 };
 
@@ -394,154 +395,186 @@ __device__ __forceinline__ void ring_load(uint8_t* slot, const W4A8Args& a, int 
 }
 
 template <int MT, int NB, bool G128, OutKind OUT>
-__global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a, int steps_per_split) {
+__global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a, int per) {
   using R = Ring<MT, NB, G128>;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int nc0 = blockIdx.x * NB;
   const int kblocks = a.K / 32;
-  const int kc_begin = blockIdx.y * steps_per_split * kStep;
-  const int kc_end = min(kblocks, kc_begin + steps_per_split * kStep);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int steps = (kblocks + kStep - 1) / kStep;
+  const int64_t total = static_cast<int64_t>(a.Np / R::COLS) * steps;
+  const int64_t beg = static_cast<int64_t>(blockIdx.x) * per;
+  const int64_t end = min(total, beg + per);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   uint8_t* ring = smem + warp * kRingStages * R::SLOT;
-  // this warp's steps: kc_begin + (warp + i * kRingWarps) * kStep, i < nsteps
-  const int cta_steps = (kc_end - kc_begin + kStep - 1) / kStep;
-  const int nsteps = warp < cta_steps ? (cta_steps - warp + kRingWarps - 1) / kRingWarps : 0;
-  auto step_kc = [&](int i) { return kc_begin + (warp + i * kRingWarps) * kStep; };
+  int32_t* red = reinterpret_cast<int32_t*>(smem + R::RING_BYTES);
+  // The CTA's iterations [beg, end) of the (channel block, step) space, block-major, fall
+  // into segments, one per block they touch; in each, warp w takes steps w, w + kRingWarps, ...
+  auto seg_len = [&](int64_t it) { return static_cast<int>(min(static_cast<int64_t>(steps) - it % steps, end - it)); };
+  auto warp_steps = [&](int len) { return len > warp ? (len - warp + kRingWarps - 1) / kRingWarps : 0; };
 
-  int32_t acc[MT][NB][4][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][b][j][e] = 0;
-
-#pragma unroll
-  for (int p = 0; p < kRingStages - 1; ++p) {
-    if (p < nsteps) ring_load<MT, NB, G128>(ring + p * R::SLOT, a, nc0, step_kc(p), kc_end, lane);
+  // The copy cursor runs ahead of the computation over the same sequence of this warp's
+  // steps, across segments (the ring does not drain at a block boundary).
+  int64_t l_it = beg;
+  int l_i = 0;
+  auto l_norm = [&] {
+    while (l_it < end && l_i >= warp_steps(seg_len(l_it))) {
+      l_it += seg_len(l_it);
+      l_i = 0;
+    }
+  };
+  auto issue = [&](uint8_t* slot) {
+    if (l_it < end) {
+      const int blk = static_cast<int>(l_it / steps);
+      const int s = static_cast<int>(l_it % steps) + warp + l_i * kRingWarps;
+      ring_load<MT, NB, G128>(slot, a, blk * NB, s * kStep, kblocks, lane);
+      ++l_i;
+      l_norm();
+    }
     dev::cp_async_commit();
-  }
-  for (int i = 0; i < nsteps; ++i) {
-    dev::cp_async_wait<kRingStages - 2>();
-    __syncwarp();  // every lane's copies of step i landed; every lane is done with step i - 1
-    {
-      const int nxt = i + kRingStages - 1;
-      if (nxt < nsteps)
-        ring_load<MT, NB, G128>(ring + (nxt % kRingStages) * R::SLOT, a, nc0, step_kc(nxt), kc_end, lane);
-      dev::cp_async_commit();
-    }
-    const uint8_t* sw = ring + (i % kRingStages) * R::SLOT;
-    const uint8_t* sa = sw + R::W_BYTES;
-    const int kc = step_kc(i);
-    uint32_t s2w[NB], znw[NB];
-    if constexpr (G128) {
+  };
+  l_norm();
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        s2w[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + b * 32 + 4 * g);
-        znw[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + (NB + b) * 32 + 4 * g);
+  for (int p = 0; p < kRingStages - 1; ++p) issue(ring + p * R::SLOT);
+
+  __shared__ int is_last;
+  int f = 0;  // this warp's steps so far: step f sits in slot f % kRingStages
+  for (int64_t it = beg; it < end;) {
+    const int len = seg_len(it);
+    const int blk = static_cast<int>(it / steps), s0 = static_cast<int>(it % steps);
+    int32_t acc[MT][NB][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][b][j][e] = 0;
+
+    const int n = warp_steps(len);
+    for (int i = 0; i < n; ++i, ++f) {
+      dev::cp_async_wait<kRingStages - 2>();
+      __syncwarp();  // every lane's copies of step f landed; every lane is done with step f - 1
+      issue(ring + ((f + kRingStages - 1) % kRingStages) * R::SLOT);
+      const uint8_t* sw = ring + (f % kRingStages) * R::SLOT;
+      const uint8_t* sa = sw + R::W_BYTES;
+      const int kc = (s0 + warp + i * kRingWarps) * kStep;
+      uint32_t s2w[NB], znw[NB];
+      if constexpr (G128) {
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          s2w[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + b * 32 + 4 * g);
+          znw[b] = *reinterpret_cast<const uint32_t*>(sa + R::A_BYTES + (NB + b) * 32 + 4 * g);
+        }
       }
-    }
 #pragma unroll
-    for (int s = 0; s < kStep; ++s) {
-      if (kc + s >= kc_end) break;
-      uint32_t af[MT][4];
+      for (int s = 0; s < kStep; ++s) {
+        if (kc + s >= kblocks) break;
+        uint32_t af[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int ch = 2 * s + (lane >> 4);
-        dev::ldmatrix_x4(af[mt], sa + row * 128 + ((ch ^ (row & 7)) * 16));
-      }
+        for (int mt = 0; mt < MT; ++mt) {
+          const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int ch = 2 * s + (lane >> 4);
+          dev::ldmatrix_x4(af[mt], sa + row * 128 + ((ch ^ (row & 7)) * 16));
+        }
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        const uint4 w = *reinterpret_cast<const uint4*>(sw + ((b * kStep + s) * 32 + lane) * 16);
-        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+        for (int b = 0; b < NB; ++b) {
+          const uint4 w = *reinterpret_cast<const uint4*>(sw + ((b * kStep + s) * 32 + lane) * 16);
+          const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
-          if constexpr (G128) {
-            const uint32_t s2 = (s2w[b] >> (8 * j)) & 0xFFu;
-            const uint32_t z4 = dev::g128_zc(znw[b] >> (8 * j));
-            b0 = dev::dequant_g128(b0, s2, z4);
-            b1 = dev::dequant_g128(b1, s2, z4);
+          for (int j = 0; j < 4; ++j) {
+            uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
+            if constexpr (G128) {
+              const uint32_t s2 = (s2w[b] >> (8 * j)) & 0xFFu;
+              const uint32_t z4 = dev::g128_zc(znw[b] >> (8 * j));
+              b0 = dev::dequant_g128(b0, s2, z4);
+              b1 = dev::dequant_g128(b1, s2, z4);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) dev::mma_s8_16832(acc[mt][b][j], af[mt], b0, b1);
           }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) dev::mma_s8_16832(acc[mt][b][j], af[mt], b0, b1);
         }
       }
     }
-  }
-  dev::cp_async_wait<0>();
 
-  // ---- reduce over warps through the (now idle) ring memory: C fragment c0,c1 =
-  // C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of block b is output channel
-  // 32*(nc0 + b) + 8*j + c.
-  __syncthreads();
-  int32_t* red = reinterpret_cast<int32_t*>(smem);
+    // ---- the segment's sum over warps, through its own shared memory (the rings stay
+    // busy): C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of
+    // block b is output channel 32*(blk*NB + b) + 8*j + c.
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
+    for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int b = 0; b < NB; ++b)
+      for (int b = 0; b < NB; ++b)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          red[(warp * R::ROWS + 16 * i + g + 8 * (e / 2)) * R::COLS + 32 * b + 8 * j + 2 * t + (e % 2)] =
-              acc[i][b][j][e];
-  __syncthreads();
-  const int tid = threadIdx.x;
-  constexpr int kOut = R::ROWS * R::COLS;
-  constexpr int kPer = kOut / kRingThreads;
-  static_assert(kOut % kRingThreads == 0, "outputs per thread");
-  int32_t v[kPer];
-#pragma unroll
-  for (int q = 0; q < kPer; ++q) {
-    const int o = tid + q * kRingThreads;
-    v[q] = 0;
-#pragma unroll
-    for (int w2 = 0; w2 < kRingWarps; ++w2) v[q] += red[w2 * kOut + o];
-  }
-
-  // ---- split-K over CTAs: exact int32 atomics into the [M, Np] workspace; the block's last
-  // CTA reads the sums back and zeroes them and its counter (the workspace stays clean).
-  if (gridDim.y > 1) {
-    int32_t* wsp = a.workspace;
-    int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + blockIdx.x;
+          for (int e = 0; e < 4; ++e)
+            red[(warp * R::ROWS + 16 * i + g + 8 * (e / 2)) * R::COLS + 32 * b + 8 * j + 2 * t + (e % 2)] =
+                acc[i][b][j][e];
+    __syncthreads();
+    constexpr int kOut = R::ROWS * R::COLS;
+    constexpr int kPer = kOut / kRingThreads;
+    static_assert(kOut % kRingThreads == 0, "outputs per thread");
+    int32_t v[kPer];
 #pragma unroll
     for (int q = 0; q < kPer; ++q) {
       const int o = tid + q * kRingThreads;
-      if (o / R::COLS < a.M) atomicAdd(wsp + static_cast<int64_t>(o / R::COLS) * a.Np + nc0 * 32 + o % R::COLS, v[q]);
+      v[q] = 0;
+#pragma unroll
+      for (int w2 = 0; w2 < kRingWarps; ++w2) v[q] += red[w2 * kOut + o];
     }
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last;
-    if (tid == 0) is_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    __syncthreads();  // red is free for the next segment
+
+    // ---- a block split over CTAs: exact int32 atomics into the [M, Np] workspace; the
+    // block's last part reads the sums back, zeroes them and the block's counter (the
+    // workspace stays clean: CUDA-graph safe) and writes the outputs.
+    const int col0 = blk * R::COLS;
+    bool mine = true;
+    if (len < steps) {
+      const int first = static_cast<int>((static_cast<int64_t>(blk) * steps) / per);
+      const int last = static_cast<int>((static_cast<int64_t>(blk + 1) * steps - 1) / per);
+      int32_t* wsp = a.workspace;
+      int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + blk;
 #pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-      const int o = tid + q * kRingThreads;
-      if (o / R::COLS < a.M) {
-        int32_t* p = wsp + static_cast<int64_t>(o / R::COLS) * a.Np + nc0 * 32 + o % R::COLS;
-        v[q] = __ldcg(p);
-        __stcg(p, 0);
+      for (int q = 0; q < kPer; ++q) {
+        const int o = tid + q * kRingThreads;
+        if (o / R::COLS < a.M) atomicAdd(wsp + static_cast<int64_t>(o / R::COLS) * a.Np + col0 + o % R::COLS, v[q]);
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) is_last = (atomicAdd(counter, 1) == last - first);
+      __syncthreads();
+      mine = is_last;
+      if (mine) {
+        __threadfence();
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) {
+          const int o = tid + q * kRingThreads;
+          if (o / R::COLS < a.M) {
+            int32_t* p = wsp + static_cast<int64_t>(o / R::COLS) * a.Np + col0 + o % R::COLS;
+            v[q] = __ldcg(p);
+            __stcg(p, 0);
+          }
+        }
+        if (tid == 0) *counter = 0;
       }
     }
-    if (tid == 0) *counter = 0;
-  }
+    if (mine) {
 #pragma unroll
-  for (int q = 0; q < kPer; ++q) {
-    const int o = tid + q * kRingThreads;
-    const int m = o / R::COLS, n = nc0 * 32 + o % R::COLS;
-    if (m < a.M && n < a.N) epi::store1<G128, OUT>(a, m, n, v[q]);
+      for (int q = 0; q < kPer; ++q) {
+        const int o = tid + q * kRingThreads;
+        const int m = o / R::COLS, nn = col0 + o % R::COLS;
+        if (m < a.M && nn < a.N) epi::store1<G128, OUT>(a, m, nn, v[q]);
+      }
+    }
+    it += len;
   }
+  dev::cp_async_wait<0>();
 }
 
-// One wave of CTAs: as many k-splits as fill the resident CTA slots (at least one step per
-// warp), one CTA per channel block when the blocks alone fill them.
+// Split policy (VLLM_QOQ_MMR_SPLIT, read once; for A/B runs): 0 = stream-K: the
+// (block, step) iterations balanced over one wave of CTAs, at least one step per warp;
+// 1 = the same with the share rounded up to a divisor of the steps (no CTA crosses a block);
+// 2 = one CTA per block, split along K only where the blocks alone leave CTA slots idle.
 template <int MT, int NB, bool G128, OutKind OUT>
 void launch_ring(const W4A8Args& a, cudaStream_t stream) {
   using R = Ring<MT, NB, G128>;
@@ -556,16 +589,30 @@ void launch_ring(const W4A8Args& a, cudaStream_t stream) {
     per_sm = std::max(1, n);
     setup_done |= bit;
   }
-  const int blocks = a.Np / (32 * NB);
+  static const int policy = [] {
+    const char* e = std::getenv("VLLM_QOQ_MMR_SPLIT");
+    return e != nullptr ? std::max(0, std::min(2, std::atoi(e))) : 0;
+  }();
+  const int blocks = a.Np / R::COLS;
   const int kblocks = a.K / 32;
-  const int steps = (kblocks + kStep - 1) / kStep;
-  const int slots = per_sm * a.num_sms;
-  int splits = std::max(1, std::min(slots / blocks, steps / kRingWarps));
+  const int64_t steps = (kblocks + kStep - 1) / kStep;
+  const int64_t total = blocks * steps;
+  const int64_t slots = static_cast<int64_t>(per_sm) * a.num_sms;
+  int64_t per = steps;
+  if (policy == 2) {
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(slots / blocks, steps / kRingWarps));
+    per = (steps + splits - 1) / splits;
+    while (steps % per) ++per;
+  } else {
+    per = std::max<int64_t>((total + slots - 1) / slots, std::min<int64_t>(steps, kRingWarps));
+    if (policy == 1) {
+      while (steps % per && per < steps) ++per;
+    }
+  }
   const int64_t need = static_cast<int64_t>(a.M) * a.Np + blocks;
-  if (a.workspace == nullptr || need > a.workspace_ints) splits = 1;
-  const int per = (steps + splits - 1) / splits;
-  splits = (steps + per - 1) / per;
-  kern<<<dim3(blocks, splits), kRingThreads, R::SMEM, stream>>>(a, per);
+  if (a.workspace == nullptr || need > a.workspace_ints) per = std::max(per, steps) / steps * steps;
+  const int64_t grid = (total + per - 1) / per;
+  kern<<<static_cast<unsigned>(grid), kRingThreads, R::SMEM, stream>>>(a, static_cast<int>(per));
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -591,14 +638,14 @@ void launch(const W4A8Args& a, cudaStream_t stream) {
   QOQ_CUDA_CHECK(cudaGetLastError());
 }
 
-// kind: 0 = the dp4a GEMV (M <= 16), 1 = the MMV (M <= 32), 2 = the ring MMV (M <= 32; 64
-// channels per CTA where Np allows and VLLM_QOQ_MMR_BLOCKS != 1, else 32).
+// kind: 0 = the dp4a GEMV (M <= 16), 1 = the MMV (M <= 32), 2 = the ring MMV (M <= 32; 32
+// channels per block, 64 with VLLM_QOQ_MMR_BLOCKS=2 where Np allows: an A/B knob).
 template <bool G128, OutKind OUT>
 void dispatch(const W4A8Args& a, int kind, cudaStream_t stream) {
   if (kind == 2) {
     static const int nb = [] {
       const char* e = std::getenv("VLLM_QOQ_MMR_BLOCKS");
-      return (e != nullptr && std::atoi(e) == 1) ? 1 : 2;
+      return (e != nullptr && std::atoi(e) == 2) ? 2 : 1;
     }();
     const bool two = nb == 2 && a.Np % 64 == 0;
     if (a.M <= 16) {
