@@ -20,7 +20,12 @@ case "${1:-}" in
       || { tail -30 "$OUT/build.log"; exit 1; }
     echo "build took $(( $(date +%s) - t )) s"
     python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
-    grep -E "passed|failed|error" "$OUT/tests.log" | tail -15 ;;
+    grep -E "passed|failed|error" "$OUT/tests.log" | tail -15
+    # the A/B knobs of path 8 stay exact too
+    for v in VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_SPLIT=2 VLLM_QOQ_MMR_BLOCKS=2; do
+      env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" > "$OUT/tests-$v.log" 2>&1 || true
+      echo "$v: $(tail -1 "$OUT/tests-$v.log")"
+    done ;;
   time)
     # qoq_*@8: 32-channel blocks, stream-K (the defaults); then one process per other setting
     python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr --out "$OUT" \
