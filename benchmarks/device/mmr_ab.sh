@@ -7,18 +7,24 @@
 #                                            # blocks, stream-K), one per other split policy
 #                                            # (VLLM_QOQ_MMR_SPLIT) and one with 64-channel
 #                                            # blocks (VLLM_QOQ_MMR_BLOCKS=2)
-# Results under $OUT: build.log, tests.log, gemm-*-mmr*.json/md.  MMR_M overrides the M list.
+# or both in one call, without the tests: `bash benchmarks/device/mmr_ab.sh build-time`.
+# Results under $OUT: build.log, tests.log, gemm-*-mmr*.json (the markdown and plots stay in
+# $OUT/../mmr-md, so that a call returns few files).  MMR_M overrides the M list.
 set -eo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$(pwd) PYTHONUNBUFFERED=1
 M=${MMR_M:-1,2,4,8,16,32}
 MODELS=llama3-8b,llama3-70b
-case "${1:-}" in
-  build)
+build() {
     t=$(date +%s)
     TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
       || { tail -30 "$OUT/build.log"; exit 1; }
     echo "build took $(( $(date +%s) - t )) s"
+}
+case "${1:-}" in
+  build-time) build ;;&
+  build)
+    build
     python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -15
     # the A/B knobs of path 8 stay exact too
@@ -26,16 +32,18 @@ case "${1:-}" in
       env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" > "$OUT/tests-$v.log" 2>&1 || true
       echo "$v: $(tail -1 "$OUT/tests-$v.log")"
     done ;;
-  time)
+  time|build-time)
+    MD=$(dirname "$OUT")/mmr-md; mkdir -p "$MD"
     # qoq_*@8: 32-channel blocks, stream-K (the defaults); then one process per other setting
-    python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr --out "$OUT" \
-      --impls qoq_chn,qoq_g128,qoq_chn@1,qoq_chn@5,qoq_chn@8,qoq_g128@1,qoq_g128@5,qoq_g128@8,fp8 \
+    python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr --out "$MD" \
+      --impls qoq_chn,qoq_g128,qoq_chn@1,qoq_chn@5,qoq_chn@8,qoq_g128@1,qoq_g128@5,qoq_g128@8,qoq_chn@1:bf16,qoq_chn@8:bf16,qoq_g128@1:bf16,qoq_g128@8:bf16,fp8 \
       > "$OUT/time.log" 2>&1 || { tail -20 "$OUT/time.log"; exit 1; }
     for v in "split1 VLLM_QOQ_MMR_SPLIT=1" "split2 VLLM_QOQ_MMR_SPLIT=2" "nb2 VLLM_QOQ_MMR_BLOCKS=2"; do
       set -- $v
       env "$2" python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr-$1 \
-        --out "$OUT" --impls qoq_chn@8,qoq_g128@8 > "$OUT/time-$1.log" 2>&1 || { tail -20 "$OUT/time-$1.log"; exit 1; }
+        --out "$MD" --impls qoq_chn@8,qoq_g128@8 > "$MD/time-$1.log" 2>&1 || { tail -20 "$MD/time-$1.log"; exit 1; }
     done
+    cp "$MD"/*.json "$OUT"/
     echo done ;;
   *) echo "usage: $0 build|time"; exit 2 ;;
 esac
