@@ -394,6 +394,8 @@ def plot(res, path):
     except Exception as e:  # noqa: BLE001
         return f"no plot: matplotlib unavailable ({e})"
     shapes = sorted({(r["N"], r["K"]) for r in res["rows"]})
+    if not shapes:
+        return "no plot: no timed rows"
     cols = min(4, len(shapes))
     rows_ = math.ceil(len(shapes) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.5 * cols, 3.6 * rows_), squeeze=False)
@@ -497,6 +499,9 @@ def main(argv=None):
         f.write(md)
     print(md)
     print(f"wrote {stem}.json/.md" + ("" if note else "/.png"))
+    if not res["rows"]:
+        print("gemm.py: nothing was timed (every row skipped; reasons above and under 'skipped')", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,7 +8,7 @@
 LOGS=${LOGS:-/tmp}; mkdir -p "$LOGS"
 old=0; [ -d .devold ] && [ "${BUILD_OLD:-1}" != 0 ] && old=1
 t=$(date +%s)
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$LOGS/build-new.log" 2>&1 || echo "new build failed"
+TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$LOGS/build-new.log" 2>&1 || { echo "new build failed"; grep -m5 -i error "$LOGS/build-new.log"; }
 if [ $old = 1 ]; then
   bash benchmarks/device/old_tree.sh
   (cd /tmp/old && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$LOGS/build-old.log" 2>&1) || echo "old build failed"

@@ -8,6 +8,12 @@
 #                                            # (VLLM_QOQ_MMR_SPLIT) and one with 64-channel
 #                                            # blocks (VLLM_QOQ_MMR_BLOCKS=2)
 # or both in one call, without the tests: `bash benchmarks/device/mmr_ab.sh build-time`.
+#   bash benchmarks/device/mmr_ab.sh ab      # carry .devold/ (older kernel files): builds both
+#                                            # trees (build_trees.sh), times path 8 of each,
+#                                            # the old one under $AB_OLD_ENV, the new one with its
+#                                            # defaults and under each split policy in $AB_POLICIES
+#                                            # (gemm-*-mmr-ab-{old,new,sP}.json); AB_TESTS=1: then
+#                                            # the GEMM GPU tests
 # Results under $OUT: build.log, tests.log, gemm-*-mmr*.json (the markdown and plots stay in
 # $OUT/../mmr-md, so that a call returns few files).  MMR_M overrides the M list.
 set -eo pipefail
@@ -28,7 +34,7 @@ case "${1:-}" in
     python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -15
     # the A/B knobs of path 8 stay exact too
-    for v in VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_SPLIT=2 VLLM_QOQ_MMR_BLOCKS=2; do
+    for v in VLLM_QOQ_MMR_SPLIT=0 VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_BLOCKS=2; do
       env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" > "$OUT/tests-$v.log" 2>&1 || true
       echo "$v: $(tail -1 "$OUT/tests-$v.log")"
     done ;;
@@ -45,5 +51,30 @@ case "${1:-}" in
     done
     cp "$MD"/*.json "$OUT"/
     echo done ;;
-  *) echo "usage: $0 build|time"; exit 2 ;;
+  ab)
+    MD=$(dirname "$OUT")/mmr-md; mkdir -p "$MD"
+    LOGS=$MD bash benchmarks/device/build_trees.sh
+    I=qoq_chn@1,qoq_chn@8,qoq_g128@1,qoq_g128@8
+    [ -d /tmp/old ] && (cd /tmp/old && PYTHONPATH=/tmp/old env ${AB_OLD_ENV:-VLLM_QOQ_MMR_BLOCKS=1} python3 benchmarks/gemm.py --no-quant --m "$M" \
+      --models $MODELS --tag=-mmr-ab-old --out "$MD" --impls $I > "$MD/time-old.log" 2>&1) \
+      || { tail -20 "$MD/time-old.log"; exit 1; }
+    # the new tree: its defaults (with the bf16 epilogue rows), then each other split policy
+    python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr-ab-new --out "$MD" \
+      --impls $I,qoq_chn,qoq_g128,qoq_chn@1:bf16,qoq_chn@8:bf16,qoq_g128@1:bf16,qoq_g128@8:bf16 \
+      > "$MD/time-new.log" 2>&1 || { tail -20 "$MD/time-new.log"; exit 1; }
+    for p in ${AB_POLICIES:-}; do
+      VLLM_QOQ_MMR_SPLIT=$p python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS \
+        --tag=-mmr-ab-s$p --out "$MD" --impls qoq_chn@8,qoq_g128@8 > "$MD/time-s$p.log" 2>&1 \
+        || { tail -20 "$MD/time-s$p.log"; exit 1; }
+    done
+    cp "$MD"/*.json "$OUT"/
+    if [ "${AB_TESTS:-0}" = 1 ]; then  # the GEMM GPU tests, then path 8's under the other knobs
+      python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
+      tail -3 "$OUT/tests.log"
+      for v in VLLM_QOQ_MMR_SPLIT=0 VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_BLOCKS=2; do
+        echo "$v: $(env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" 2>&1 | tail -1)"
+      done
+    fi
+    echo done ;;
+  *) echo "usage: $0 build|time|build-time|ab"; exit 2 ;;
 esac

@@ -34,6 +34,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "common/device.cuh"
 #include "common/launch.h"
@@ -353,7 +355,7 @@ struct Ring {
   static constexpr int SLOT = W_BYTES + A_BYTES + S_BYTES;
   static constexpr int RING_BYTES = kRingWarps * kRingStages * SLOT;
   static constexpr int ROWS = 16 * MT, COLS = 32 * NB;  // a segment's outputs
-  static constexpr int SMEM = RING_BYTES + kRingWarps * ROWS * COLS * 4;  // + the warp sums
+  static constexpr int SMEM = RING_BYTES + ROWS * COLS * 4;  // + the segment's sum
   static_assert(SLOT % 16 == 0, "16-byte copies");
 };
 
@@ -400,33 +402,44 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
   extern __shared__ __align__(128) uint8_t smem[];
   const int kblocks = a.K / 32;
   const int steps = (kblocks + kStep - 1) / kStep;
-  const int64_t total = static_cast<int64_t>(a.Np / R::COLS) * steps;
-  const int64_t beg = static_cast<int64_t>(blockIdx.x) * per;
-  const int64_t end = min(total, beg + per);
+  const int total = (a.Np / R::COLS) * steps;  // launch_ring checks it fits
+  const int beg = blockIdx.x * per;
+  const int end = min(total, beg + per);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   uint8_t* ring = smem + warp * kRingStages * R::SLOT;
   int32_t* red = reinterpret_cast<int32_t*>(smem + R::RING_BYTES);
+  constexpr int kOut = R::ROWS * R::COLS;
+  constexpr int kPer = kOut / kRingThreads;
+  static_assert(kOut % kRingThreads == 0, "outputs per thread");
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) red[tid + q * kRingThreads] = 0;
+  __syncthreads();
   // The CTA's iterations [beg, end) of the (channel block, step) space, block-major, fall
-  // into segments, one per block they touch; in each, warp w takes steps w, w + kRingWarps, ...
-  auto seg_len = [&](int64_t it) { return static_cast<int>(min(static_cast<int64_t>(steps) - it % steps, end - it)); };
+  // into segments, one per block they touch: the first starts at step beg % steps of block
+  // beg / steps, the others at step 0 of the next block.  In a segment, warp w takes steps
+  // w, w + kRingWarps, ...  Only the first segment divides; the cursors below step along.
   auto warp_steps = [&](int len) { return len > warp ? (len - warp + kRingWarps - 1) / kRingWarps : 0; };
+  const int blk0 = beg / steps, s00 = beg - blk0 * steps;
 
   // The copy cursor runs ahead of the computation over the same sequence of this warp's
-  // steps, across segments (the ring does not drain at a block boundary).
-  int64_t l_it = beg;
-  int l_i = 0;
+  // steps, across segments (the ring does not drain at a block boundary): segment start
+  // l_it (block l_blk, first step l_s0), this warp's l_n steps in it, l_i issued so far.
+  int l_it = beg, l_blk = blk0, l_s0 = s00, l_i = 0;
+  int l_n = warp_steps(min(steps - s00, end - beg));
   auto l_norm = [&] {
-    while (l_it < end && l_i >= warp_steps(seg_len(l_it))) {
-      l_it += seg_len(l_it);
+    while (l_it < end && l_i >= l_n) {
+      l_it += min(steps - l_s0, end - l_it);
+      ++l_blk;
+      l_s0 = 0;
       l_i = 0;
+      l_n = warp_steps(min(steps, end - l_it));
     }
   };
   auto issue = [&](uint8_t* slot) {
     if (l_it < end) {
-      const int blk = static_cast<int>(l_it / steps);
-      const int s = static_cast<int>(l_it % steps) + warp + l_i * kRingWarps;
-      ring_load<MT, NB, G128>(slot, a, blk * NB, s * kStep, kblocks, lane);
+      const int s = l_s0 + warp + l_i * kRingWarps;
+      ring_load<MT, NB, G128>(slot, a, l_blk * NB, s * kStep, kblocks, lane);
       ++l_i;
       l_norm();
     }
@@ -438,9 +451,9 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
 
   __shared__ int is_last;
   int f = 0;  // this warp's steps so far: step f sits in slot f % kRingStages
-  for (int64_t it = beg; it < end;) {
-    const int len = seg_len(it);
-    const int blk = static_cast<int>(it / steps), s0 = static_cast<int>(it % steps);
+  int blk = blk0, s0 = s00;
+  for (int it = beg; it < end; ++blk, s0 = 0) {
+    const int len = min(steps - s0, end - it);
     int32_t acc[MT][NB][4][4];
 #pragma unroll
     for (int i = 0; i < MT; ++i)
@@ -498,8 +511,10 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
     }
 
     // ---- the segment's sum over warps, through its own shared memory (the rings stay
-    // busy): C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of
+    // busy with the next segment's copies): C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of
     // block b is output channel 32*(blk*NB + b) + 8*j + c.
+    // One tile for all warps, summed by shared-memory atomics (a tile per warp would cost
+    // 16 KB at MT = 2: one CTA per SM fewer); read back and zeroed for the next segment.
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -508,21 +523,16 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            red[(warp * R::ROWS + 16 * i + g + 8 * (e / 2)) * R::COLS + 32 * b + 8 * j + 2 * t + (e % 2)] =
-                acc[i][b][j][e];
+            atomicAdd(red + (16 * i + g + 8 * (e / 2)) * R::COLS + 32 * b + 8 * j + 2 * t + (e % 2), acc[i][b][j][e]);
     __syncthreads();
-    constexpr int kOut = R::ROWS * R::COLS;
-    constexpr int kPer = kOut / kRingThreads;
-    static_assert(kOut % kRingThreads == 0, "outputs per thread");
     int32_t v[kPer];
 #pragma unroll
     for (int q = 0; q < kPer; ++q) {
       const int o = tid + q * kRingThreads;
-      v[q] = 0;
-#pragma unroll
-      for (int w2 = 0; w2 < kRingWarps; ++w2) v[q] += red[w2 * kOut + o];
+      v[q] = red[o];
+      red[o] = 0;
     }
-    __syncthreads();  // red is free for the next segment
+    __syncthreads();  // red is free (and zero) for the next segment
 
     // ---- a block split over CTAs: exact int32 atomics into the [M, Np] workspace; the
     // block's last part reads the sums back, zeroes them and the block's counter (the
@@ -530,8 +540,7 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
     const int col0 = blk * R::COLS;
     bool mine = true;
     if (len < steps) {
-      const int first = static_cast<int>((static_cast<int64_t>(blk) * steps) / per);
-      const int last = static_cast<int>((static_cast<int64_t>(blk + 1) * steps - 1) / per);
+      const int first = blk * steps / per, last = ((blk + 1) * steps - 1) / per;
       int32_t* wsp = a.workspace;
       int* counter = reinterpret_cast<int*>(a.workspace + static_cast<int64_t>(a.M) * a.Np) + blk;
 #pragma unroll
@@ -571,10 +580,11 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
   dev::cp_async_wait<0>();
 }
 
-// Split policy (VLLM_QOQ_MMR_SPLIT, read once; for A/B runs): 0 = stream-K: the
+// Split policy (VLLM_QOQ_MMR_SPLIT, read once).  2, the default: one CTA per block, split
+// along K (into a divisor of the steps) only where the blocks alone leave CTA slots idle.
+// A/B knobs, slower on the H100 (benchmarks/results/gemm-notes.md): 0 = stream-K, the
 // (block, step) iterations balanced over one wave of CTAs, at least one step per warp;
-// 1 = the same with the share rounded up to a divisor of the steps (no CTA crosses a block);
-// 2 = one CTA per block, split along K only where the blocks alone leave CTA slots idle.
+// 1 = the same with the share rounded up to a divisor or a multiple of the steps.
 template <int MT, int NB, bool G128, OutKind OUT>
 void launch_ring(const W4A8Args& a, cudaStream_t stream) {
   using R = Ring<MT, NB, G128>;
@@ -591,7 +601,7 @@ void launch_ring(const W4A8Args& a, cudaStream_t stream) {
   }
   static const int policy = [] {
     const char* e = std::getenv("VLLM_QOQ_MMR_SPLIT");
-    return e != nullptr ? std::max(0, std::min(2, std::atoi(e))) : 0;
+    return e != nullptr ? std::max(0, std::min(2, std::atoi(e))) : 2;
   }();
   const int blocks = a.Np / R::COLS;
   const int kblocks = a.K / 32;
@@ -605,12 +615,18 @@ void launch_ring(const W4A8Args& a, cudaStream_t stream) {
     while (steps % per) ++per;
   } else {
     per = std::max<int64_t>((total + slots - 1) / slots, std::min<int64_t>(steps, kRingWarps));
-    if (policy == 1) {
-      while (steps % per && per < steps) ++per;
+    if (policy == 1) {  // a divisor or a multiple of the steps: no CTA splits a block unevenly
+      if (per < steps) {
+        while (steps % per) ++per;
+      } else {
+        per = (per + steps - 1) / steps * steps;
+      }
     }
   }
   const int64_t need = static_cast<int64_t>(a.M) * a.Np + blocks;
   if (a.workspace == nullptr || need > a.workspace_ints) per = std::max(per, steps) / steps * steps;
+  if (total + per > INT32_MAX)  // the kernel counts iterations in int32
+    throw std::runtime_error("qoq ring MMV: N/32 x K/128 = " + std::to_string(total) + " iterations exceed int32");
   const int64_t grid = (total + per - 1) / per;
   kern<<<static_cast<unsigned>(grid), kRingThreads, R::SMEM, stream>>>(a, static_cast<int>(per));
   QOQ_CUDA_CHECK(cudaGetLastError());
