@@ -105,8 +105,9 @@ bool sm90_ok(int device, cudaStream_t stream) {
 }
 
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
-// choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M,
-// then the mma.sync tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
+// choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M
+// (on Hopper the ring MMV, path 8, up to M = 16 where it fits one wave), then the mma.sync
+// tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
 // returns 1, 3, 4, 5, 6, 7 or 8 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2; g128 off sm_90: 4; at
 // most 16) and the MMA weight stream (path 6) M <= VLLM_QOQ_MMV_MAX_M (default off; g128 off
@@ -130,11 +131,24 @@ int mmv_max_m(bool g128, int device) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 && !cc9(device) ? 8 : 0);
 }
-// The ring MMV (path 8) serves M <= VLLM_QOQ_MMR_MAX_M (default off; at most 32).
+// The ring MMV (path 8) serves M <= VLLM_QOQ_MMR_MAX_M (at most 32; 0 = off) after the GEMV,
+// by default M <= 16 on sm_90 (off elsewhere: not timed there), and by default only where
+// its one-CTA-per-32-channels grid fits one wave (mmr_fits).  H100, both variants, bf16 out,
+// against path 1 on the six 8B/70B shapes that fit: 1.05-1.19x faster at M = 4 and
+// 1.03-1.17x at M = 8; at M = 16 0.90-1.19x (geomean 1.04).  On the two that do not:
+// 0.8x on 28672 x 4096 (896 blocks, 2.3 waves), 0.98-1.06x on 57344 x 8192.  At M = 32 it
+// lost to path 3 on four shapes.  gemm-notes.md, gemm-h100-mmr-ab-new.json.
 int mmr_max_m(int device) {
-  (void)device;
   static const int v = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32);
-  return v >= 0 ? v : 0;
+  return v >= 0 ? v : (cc9(device) ? 16 : 0);
+}
+bool mmr_fits(const W4A8Args& a, bool g128, int device) {
+  static const bool forced = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32) >= 0;  // then M alone decides
+  if (forced) return true;
+  static int cache[64][2] = {};
+  int& c = cache[device & 63][g128 ? 1 : 0];
+  if (c == 0) c = w4a8_mmr_wave_blocks(g128, a.num_sms);
+  return a.Np / 32 <= c;
 }
 // The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
 // 0 = never by default) on sm_90a, path 3 (split-K) the M between 17 and that.  H100, both
@@ -164,8 +178,8 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
     return 5;
   if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128, device)))
     return 6;
-  if ((requested == 8 || requested == 0) && a.M <= (requested == 8 ? 32 : mmr_max_m(device)))
-    return 8;
+  if (requested == 8 && a.M <= 32) return 8;
+  if (requested == 0 && a.M <= mmr_max_m(device) && mmr_fits(a, g128, device)) return 8;
   if (requested == 5 || requested == 6 || requested == 8) requested = 0;
   if (requested == 0) {
     if (a.M > 16 && sm90_ok(device, stream)) {

@@ -697,7 +697,23 @@ void run(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
   }
 }
 
+// How many 32-channel blocks one wave of path 8's M <= 16 CTAs covers (resident CTAs per
+// SM x SMs): choose_path's default takes path 8 only where Np / 32 fits.
+template <bool G128>
+int mmr_wave_blocks(int num_sms) {
+  using R = Ring<1, 1, G128>;
+  auto kern = w4a8_mmr_kernel<1, 1, G128, OutKind::BF16>;
+  QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, R::SMEM));
+  int n = 0;
+  QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kRingThreads, R::SMEM));
+  return std::max(1, n) * num_sms;
+}
+
 }  // namespace gemv
+
+int w4a8_mmr_wave_blocks(bool g128, int num_sms) {
+  return g128 ? gemv::mmr_wave_blocks<true>(num_sms) : gemv::mmr_wave_blocks<false>(num_sms);
+}
 
 void w4a8_gemv_chn(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
   gemv::run<false>(a, out, kind, stream);
