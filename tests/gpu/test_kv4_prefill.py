@@ -175,9 +175,9 @@ MIXED = [(1, 1), (15, 1), (4097, 1), (100, 1),  # decodes first
 @pytest.mark.parametrize("hq,hkv,d,bs", [(32, 8, 128, 16), (12, 2, 64, 32), (8, 8, 128, 64), (14, 2, 64, 16)])
 @pytest.mark.parametrize("cap", [32768, 1500])
 def test_split_path_matches_the_reference(dtype, hq, hkv, d, bs, cap):
+    fa = _fa()  # skips without vLLM's FlashAttention, before the backend imports vLLM
     from vllm_qoq.attention import backend as kb
 
-    fa = _fa()
     q, cache, table, seq_lens, qsl = _make(MIXED, hq, hkv, d, bs, dtype, seed=hq + d)
     scale = d**-0.5
     plan = kb.plan_split(qsl.tolist(), seq_lens.tolist(), 4, cap)
@@ -196,9 +196,10 @@ def test_split_path_matches_the_reference(dtype, hq, hkv, d, bs, cap):
 
 def test_chunked_prefill_over_a_kv4_prefix_equals_one_shot():
     """A 3000-token prompt in one step vs in chunks of 1024, both on the prefill path."""
+    raw = _fa()  # skips without vLLM's FlashAttention, before the backend imports vLLM
     from vllm_qoq.attention import backend as kb
 
-    fa = kb.flash_attn_varlen_runner(*_fa())
+    fa = kb.flash_attn_varlen_runner(*raw)
     hq, hkv, d, bs, dtype, n = 16, 4, 128, 16, torch.bfloat16, 3000
     q, cache, table, seq_lens, _ = _make([(n, n)], hq, hkv, d, bs, dtype, seed=7)
     scale = d**-0.5
