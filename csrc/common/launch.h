@@ -85,8 +85,8 @@ void w4a8_gemm_sm90_g128(const W4A8Args& a, OutKind out, bool cluster, cudaStrea
 // per-warp cp.async ring (M <= 32).
 void w4a8_gemv_chn(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream);
 void w4a8_gemv_g128(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream);
-// 32-channel blocks in one wave of the ring MMV's M <= 16 CTAs (path 8's default range).
-int w4a8_mmr_wave_blocks(bool g128, int num_sms);
+// 32-channel blocks in one wave of the ring MMV's CTAs for M rows (M <= 32).
+int w4a8_mmr_wave_blocks(bool g128, int M, int num_sms);
 // True when `device` is sm_90 and this build runs the sm_90a kernels on it (one device
 // round trip; call outside CUDA-graph capture and cache the answer).
 bool w4a8_sm90_available(int device);

@@ -106,7 +106,7 @@ bool sm90_ok(int device, cudaStream_t stream) {
 
 // All paths give identical results (same exact int32 accumulators, same epilogue), so the
 // choice is only about speed (docs/kernels.md): the weight-streaming kernels for small M
-// (on Hopper the ring MMV, path 8, up to M = 16 where it fits one wave), then the mma.sync
+// (on Hopper the ring MMV, path 8, at M = 2-32 where it fits one wave), then the mma.sync
 // tiles up to M = 16, the wgmma kernels above on Hopper.  choose_path
 // returns 1, 3, 4, 5, 6, 7 or 8 (2 resolved to its default, 3 or 4).
 // The dp4a GEMV (path 5) serves M <= VLLM_QOQ_GEMV_MAX_M (default 2; g128 off sm_90: 4; at
@@ -131,23 +131,26 @@ int mmv_max_m(bool g128, int device) {
   static const int v = env_int("VLLM_QOQ_MMV_MAX_M", -1, 32);
   return v >= 0 ? v : (g128 && !cc9(device) ? 8 : 0);
 }
-// The ring MMV (path 8) serves M <= VLLM_QOQ_MMR_MAX_M (at most 32; 0 = off) after the GEMV,
-// by default M <= 16 on sm_90 (off elsewhere: not timed there), and by default only where
-// its one-CTA-per-32-channels grid fits one wave (mmr_fits).  H100, both variants, bf16 out,
-// against path 1 on the six 8B/70B shapes that fit: 1.05-1.19x faster at M = 4 and
-// 1.03-1.17x at M = 8; at M = 16 0.90-1.19x (geomean 1.04).  On the two that do not:
-// 0.8x on 28672 x 4096 (896 blocks, 2.3 waves), 0.98-1.06x on 57344 x 8192.  At M = 32 it
-// lost to path 3 on four shapes.  gemm-notes.md, gemm-h100-mmr-ab-new.json.
+// The ring MMV (path 8) serves 2 <= M <= VLLM_QOQ_MMR_MAX_M (at most 32; 0 = off; default 32
+// on sm_90, off elsewhere: not timed there), by default only where its grid -- one CTA per
+// 32 channels, K split to fill idle slots -- fits one wave (Np / 32 <= resident CTAs: 3 per SM
+// at M <= 16, 2 above on the H100; a forced VLLM_QOQ_MMR_MAX_M drops this condition).  It
+// comes before the GEMV; M = 1, and M = 2 where it does not fit, stay on the GEMV.  H100,
+// bf16 out, the 8B/70B shapes that fit (gemm-h100-mmr-default.json, gemm-notes.md), time of
+// the kernel it replaces / its time: M = 2 vs the GEMV 0.86-1.16 (0.86-0.89 on 4096 x 4096
+// only); M = 3-16 vs path 1 0.91-1.20 (below 1 only at M >= 8 on 6144 x 4096 and g128 4096 x
+// 14336); M = 24-32 vs path 3 0.94-1.23.  Where it does not fit it lost: 0.8x against path 1
+// on 28672 x 4096 (896 blocks, 2.3 waves), 0.5-0.8x against path 3 at M = 24-32.
 int mmr_max_m(int device) {
   static const int v = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32);
-  return v >= 0 ? v : (cc9(device) ? 16 : 0);
+  return v >= 0 ? v : (cc9(device) ? 32 : 0);
 }
 bool mmr_fits(const W4A8Args& a, bool g128, int device) {
   static const bool forced = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32) >= 0;  // then M alone decides
   if (forced) return true;
-  static int cache[64][2] = {};
-  int& c = cache[device & 63][g128 ? 1 : 0];
-  if (c == 0) c = w4a8_mmr_wave_blocks(g128, a.num_sms);
+  static int cache[64][2][2] = {};
+  int& c = cache[device & 63][g128 ? 1 : 0][a.M > 16 ? 1 : 0];
+  if (c == 0) c = w4a8_mmr_wave_blocks(g128, a.M, a.num_sms);
   return a.Np / 32 <= c;
 }
 // The persistent wgmma kernel (path 7) serves M >= VLLM_QOQ_PERSISTENT_MIN_M (default 96;
@@ -174,12 +177,12 @@ int choose_path(const W4A8Args& a, bool g128, int requested, int device, cudaStr
   }
   // the GEMV serves M <= 16, the MMV M <= 32; a forced path 5/6 beyond that falls back to
   // the default choice
+  if (requested == 0 && a.M >= 2 && a.M <= mmr_max_m(device) && mmr_fits(a, g128, device)) return 8;
   if ((requested == 5 || requested == 0) && a.M <= (requested == 5 ? 16 : gemv_max_m(g128, device)))
     return 5;
   if ((requested == 6 || requested == 0) && a.M <= (requested == 6 ? 32 : mmv_max_m(g128, device)))
     return 6;
   if (requested == 8 && a.M <= 32) return 8;
-  if (requested == 0 && a.M <= mmr_max_m(device) && mmr_fits(a, g128, device)) return 8;
   if (requested == 5 || requested == 6 || requested == 8) requested = 0;
   if (requested == 0) {
     if (a.M > 16 && sm90_ok(device, stream)) {

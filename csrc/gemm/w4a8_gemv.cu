@@ -697,12 +697,12 @@ void run(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
   }
 }
 
-// How many 32-channel blocks one wave of path 8's M <= 16 CTAs covers (resident CTAs per
+// How many 32-channel blocks one wave of path 8's CTAs for this M covers (resident CTAs per
 // SM x SMs): choose_path's default takes path 8 only where Np / 32 fits.
-template <bool G128>
+template <int MT, bool G128>
 int mmr_wave_blocks(int num_sms) {
-  using R = Ring<1, 1, G128>;
-  auto kern = w4a8_mmr_kernel<1, 1, G128, OutKind::BF16>;
+  using R = Ring<MT, 1, G128>;
+  auto kern = w4a8_mmr_kernel<MT, 1, G128, OutKind::BF16>;
   QOQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, R::SMEM));
   int n = 0;
   QOQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, kRingThreads, R::SMEM));
@@ -711,8 +711,9 @@ int mmr_wave_blocks(int num_sms) {
 
 }  // namespace gemv
 
-int w4a8_mmr_wave_blocks(bool g128, int num_sms) {
-  return g128 ? gemv::mmr_wave_blocks<true>(num_sms) : gemv::mmr_wave_blocks<false>(num_sms);
+int w4a8_mmr_wave_blocks(bool g128, int M, int num_sms) {
+  if (M <= 16) return g128 ? gemv::mmr_wave_blocks<1, true>(num_sms) : gemv::mmr_wave_blocks<1, false>(num_sms);
+  return g128 ? gemv::mmr_wave_blocks<2, true>(num_sms) : gemv::mmr_wave_blocks<2, false>(num_sms);
 }
 
 void w4a8_gemv_chn(const W4A8Args& a, OutKind out, int kind, cudaStream_t stream) {
