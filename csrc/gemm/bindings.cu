@@ -137,10 +137,10 @@ int mmv_max_m(bool g128, int device) {
 // at M <= 16, 2 above on the H100; a forced VLLM_QOQ_MMR_MAX_M drops this condition).  It
 // comes before the GEMV; M = 1, and M = 2 where it does not fit, stay on the GEMV.  H100,
 // bf16 out, the 8B/70B shapes that fit (gemm-h100-mmr-default.json, gemm-notes.md), time of
-// the kernel it replaces / its time: M = 2 vs the GEMV 0.86-1.16 (0.86-0.89 on 4096 x 4096
-// only); M = 3-16 vs path 1 0.91-1.20 (below 1 only at M >= 8 on 6144 x 4096 and g128 4096 x
-// 14336); M = 24-32 vs path 3 0.94-1.23.  Where it does not fit it lost: 0.8x against path 1
-// on 28672 x 4096 (896 blocks, 2.3 waves), 0.5-0.8x against path 3 at M = 24-32.
+// the kernel it replaces / its time: M = 2 vs the GEMV 0.87-1.17 (below 1 on 4096 x 4096
+// only); M = 3-16 vs path 1 0.89-1.20 (below 1 only at M >= 8 on 6144 x 4096 and g128 4096 x
+// 14336); M = 17-32 vs path 3 0.96-1.23.  Where it does not fit it lost: 0.8x against path 1
+// on 28672 x 4096 (896 blocks, 2.3 waves), 0.5-0.8x against path 3 at M = 17-32.
 int mmr_max_m(int device) {
   static const int v = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32);
   return v >= 0 ? v : (cc9(device) ? 32 : 0);
