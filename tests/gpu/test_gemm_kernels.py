@@ -99,7 +99,8 @@ def test_quantize_per_token_3d_and_ties():
 # M <= VLLM_QOQ_GEMV_MAX_M, default 2; 4 for g128 off sm_90); 6: the mma.sync weight stream
 # (M <= 32; real ops up to VLLM_QOQ_MMV_MAX_M, default off; 8 for g128 off sm_90); 7: persistent wgmma
 # (path 3 where the tiles fit in one wave); 8: the weight stream through per-warp rings (M <= 32;
-# real ops up to VLLM_QOQ_MMR_MAX_M).  (2 = the wgmma default.)
+# the real ops' default on sm_90 at M = 2-32 where its grid fits one wave, docs/kernels.md).
+# (2 = the wgmma default.)
 PATHS = [1, 3, 4, 5, 6, 7, 8]
 MAX_M = {5: 16, 6: 32, 8: 32}
 
