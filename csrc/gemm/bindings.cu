@@ -1,6 +1,7 @@
 // (A .cu so that nvcc supplies the CUDA include path; host code only.)
 // CUDA implementations of the `qoq` GEMM / activation-quant ops (schemas: vllm_qoq/ops.py)
-// and the debug op qoq_debug::w4a8_acc (raw int32 accumulators, for exactness tests).
+// and the debug op qoq_debug::w4a8_acc (raw int32 accumulators, for exactness tests);
+// qoq_debug::default_path says which path the real ops pick.
 //
 // The weights arrive in the kernel layout of vllm_qoq/kernel_layout.py (described there
 // and in w4a8_sm80.cuh): qweight uint8 [Np, K/2] (Np = N rounded up to 32; == N when
@@ -434,6 +435,21 @@ bool sm90_available_op() {
   return sm90_ok(device, c10::cuda::getCurrentCUDAStream(device).stream());
 }
 
+// The path the real ops take for an M x N x K GEMM on the current device (1, 3-8), under
+// this process's environment knobs: tests of the dispatch rule (docs/kernels.md).
+int64_t default_path_op(int64_t m, int64_t n, int64_t k, bool g128) {
+  TORCH_CHECK(m > 0 && n > 0 && k > 0 && m < (1LL << 31) && n < (1LL << 30) && k < (1LL << 31),
+              "qoq_debug::default_path: M, N, K must be positive int32, got ", m, ", ", n, ", ", k);
+  const int device = c10::cuda::current_device();
+  W4A8Args a{};
+  a.M = static_cast<int>(m);
+  a.N = static_cast<int>(n);
+  a.Np = static_cast<int>((n + 31) / 32 * 32);
+  a.K = static_cast<int>(k);
+  a.num_sms = num_sms(device);
+  return choose_path(a, g128, 0, device, c10::cuda::getCurrentCUDAStream(device).stream());
+}
+
 }  // namespace
 }  // namespace qoq
 
@@ -452,6 +468,7 @@ TORCH_LIBRARY(qoq_debug, m) {
       "Tensor? s2_scales, Tensor? s2_zeros, Tensor? bias, ScalarType out_dtype, int path=0, "
       "int max_ctas=0) -> Tensor");
   m.def("sm90_available() -> bool", &qoq::sm90_available_op);
+  m.def("default_path(int m, int n, int k, bool g128) -> int", &qoq::default_path_op);
 }
 
 TORCH_LIBRARY_IMPL(qoq_debug, CUDA, m) {

@@ -504,6 +504,36 @@ def test_persistent_pingpong_schedule_runs_every_path7_test():
     assert r.returncode == 0 and " passed" in r.stdout and " failed" not in r.stdout, tail
 
 
+DISPATCH_KNOBS = ("VLLM_QOQ_GEMM_PATH", "VLLM_QOQ_GEMV_MAX_M", "VLLM_QOQ_MMV_MAX_M", "VLLM_QOQ_MMR_MAX_M",
+                  "VLLM_QOQ_PERSISTENT_MIN_M")
+
+
+@pytest.mark.parametrize("g128", [False, True])
+def test_default_path_follows_the_documented_rule(g128):
+    """docs/kernels.md: M = 1 on the GEMV; on sm_90 the ring MMV (path 8) at M = 2-32 where
+    N/32 fits one wave of its CTAs, else the GEMV (M = 2), path 1 (M <= 16), wgmma above."""
+    import os
+
+    set_knobs = [v for v in DISPATCH_KNOBS if os.environ.get(v)]
+    if set_knobs:
+        pytest.skip(f"dispatch knobs set: {set_knobs}")
+    dp = torch.ops.qoq_debug.default_path
+    assert dp(1, 4096, 4096, g128) == 5
+    if not torch.ops.qoq_debug.sm90_available():
+        assert all(dp(m, 4096, 4096, g128) != 8 for m in range(1, 33))
+        return
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fits = 32 * sms  # one block per SM: one wave at any M
+    wide = 32 * 8 * sms  # eight per SM: more than its shared memory lets stay resident
+    for m in (2, 3, 8, 16, 17, 24, 32):
+        assert dp(m, fits, 4096, g128) == 8, m
+        assert dp(m, fits + 17, 576, g128) == 8, m  # N padded to 32, SmolLM2's K
+    assert dp(33, fits, 4096, g128) in (3, 4)
+    assert dp(2, wide, 4096, g128) == 5
+    assert dp(3, wide, 4096, g128) == 1 and dp(16, wide, 4096, g128) == 1
+    assert dp(17, wide, 4096, g128) in (3, 4) and dp(32, wide, 4096, g128) in (3, 4)
+
+
 @pytest.mark.parametrize("path", [5, 6, 8])
 @pytest.mark.parametrize("gs", [-1, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (96, 576), (1536, 4608), (28672, 4096)])
