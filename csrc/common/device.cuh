@@ -76,6 +76,26 @@ __device__ __forceinline__ uint32_t g128_zc(uint32_t zneg) {
   return 0x80808080u - ((0u - zneg) & 0xFFu) * 0x01010101u;
 }
 
+// The mma.sync B fragments of one 16-byte kernel-layout weight word: for j = 0..3, word j's
+// low / high nibbles are the b0 / b1 registers of the j-th 8-column k32 fragment (g128: the
+// codes dequantized to int8 with byte j of the row's s2 and zneg words).  f(j, b0, b1) then
+// issues the mma(s).  Shared by the mma.sync paths (1, 6, 8).
+template <bool G128, class F>
+__device__ __forceinline__ void w4_word_frags(const uint4& w, uint32_t s2word, uint32_t znword, F&& f) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t b0 = lo_nibbles(ws[j]), b1 = hi_nibbles(ws[j]);
+    if constexpr (G128) {
+      const uint32_t s2 = (s2word >> (8 * j)) & 0xFFu;
+      const uint32_t zc = g128_zc(znword >> (8 * j));
+      b0 = dequant_g128(b0, s2, zc);
+      b1 = dequant_g128(b1, s2, zc);
+    }
+    f(j, b0, b1);
+  }
+}
+
 // ---- Split-K through workspace slices (GEMM paths 1 and 3).  Each of a tile's `parts` CTAs
 // stores its int32 partial, in register order, into its own slice of the workspace
 // (thread-interleaved 16-byte stores: a thread's v-th int4 at slice(p) + v * STRIDE, coalesced),

@@ -258,19 +258,10 @@ __global__ void __launch_bounds__(kThreads) w4a8_mmv_kernel(const W4A8Args a, in
           af[i][h] = lo;      // a0 (row g) / a1 (row g+8): k = 4t..4t+3
           af[i][2 + h] = hi;  // a2 / a3: k = 16+4t..
         }
-      const uint32_t ws[4] = {w[s].x, w[s].y, w[s].z, w[s].w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
-        if constexpr (G128) {
-          const uint32_t s2 = (s2w >> (8 * j)) & 0xFFu;
-          const uint32_t z4 = dev::g128_zc(znw >> (8 * j));
-          b0 = dev::dequant_g128(b0, s2, z4);
-          b1 = dev::dequant_g128(b1, s2, z4);
-        }
+      dev::w4_word_frags<G128>(w[s], s2w, znw, [&](int j, uint32_t b0, uint32_t b1) {
 #pragma unroll
         for (int i = 0; i < MT; ++i) dev::mma_s8_16832(acc[i][j], af[i], b0, b1);
-      }
+      });
     }
   }
 
@@ -454,15 +445,7 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
   int blk = blk0, s0 = s00;
   for (int it = beg; it < end; ++blk, s0 = 0) {
     const int len = min(steps - s0, end - it);
-    int32_t acc[MT][NB][4][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int b = 0; b < NB; ++b)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][b][j][e] = 0;
+    int32_t acc[MT][NB][4][4] = {};
 
     const int n = warp_steps(len);
     for (int i = 0; i < n; ++i, ++f) {
@@ -493,28 +476,19 @@ __global__ void __launch_bounds__(kRingThreads) w4a8_mmr_kernel(const W4A8Args a
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const uint4 w = *reinterpret_cast<const uint4*>(sw + ((b * kStep + s) * 32 + lane) * 16);
-          const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            uint32_t b0 = dev::lo_nibbles(ws[j]), b1 = dev::hi_nibbles(ws[j]);
-            if constexpr (G128) {
-              const uint32_t s2 = (s2w[b] >> (8 * j)) & 0xFFu;
-              const uint32_t z4 = dev::g128_zc(znw[b] >> (8 * j));
-              b0 = dev::dequant_g128(b0, s2, z4);
-              b1 = dev::dequant_g128(b1, s2, z4);
-            }
+          dev::w4_word_frags<G128>(w, G128 ? s2w[b] : 0u, G128 ? znw[b] : 0u, [&](int j, uint32_t b0, uint32_t b1) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) dev::mma_s8_16832(acc[mt][b][j], af[mt], b0, b1);
-          }
+          });
         }
       }
     }
 
-    // ---- the segment's sum over warps, through its own shared memory (the rings stay
-    // busy with the next segment's copies): C fragment c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of
-    // block b is output channel 32*(blk*NB + b) + 8*j + c.
-    // One tile for all warps, summed by shared-memory atomics (a tile per warp would cost
-    // 16 KB at MT = 2: one CTA per SM fewer); read back and zeroed for the next segment.
+    // ---- the segment's sum over warps in one shared tile, by shared-memory atomics (the
+    // rings stay busy with the next segment's copies; a tile per warp would cost 16 KB at
+    // MT = 2: one CTA per SM fewer), read back and zeroed for the next segment.  C fragment
+    // c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]; column 8*j + c of block b is output
+    // channel 32*(blk*NB + b) + 8*j + c.
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll

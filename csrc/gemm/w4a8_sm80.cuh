@@ -195,20 +195,10 @@ __device__ __forceinline__ void segment(const W4A8Args& a, uint8_t* smem, int ti
       for (int nc = 0; nc < C::NC; ++nc) {
         const uint4 w = *reinterpret_cast<const uint4*>(
             sb + ((((wn * C::NC + nc) * C::KC) + kl / 32) * 32 + lane) * 16);
-        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t b0 = dev::lo_nibbles(ws[j]);
-          uint32_t b1 = dev::hi_nibbles(ws[j]);
-          if constexpr (G128) {
-            const uint32_t s2 = (s2w[nc] >> (8 * j)) & 0xffu;
-            const uint32_t z4 = dev::g128_zc(zw[nc] >> (8 * j));
-            b0 = dev::dequant_g128(b0, s2, z4);
-            b1 = dev::dequant_g128(b1, s2, z4);
-          }
+        dev::w4_word_frags<G128>(w, G128 ? s2w[nc] : 0u, G128 ? zw[nc] : 0u, [&](int j, uint32_t b0, uint32_t b1) {
 #pragma unroll
           for (int mt = 0; mt < C::MT; ++mt) dev::mma_s8_16832(acc[mt][nc][j], af[mt], b0, b1);
-        }
+        });
       }
     }
   }
