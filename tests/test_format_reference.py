@@ -182,6 +182,20 @@ def test_int_matmul_exact_at_extremes():
     assert (ref.int_matmul(a, b) == 127 * 128 * k).all()
 
 
+@pytest.mark.parametrize("k", [32, 576, 1024, 2500, 5120])
+def test_int_matmul_matches_int64_products(k):
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (7, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+    a[0] = -128  # a chunk of 1024 products of 2^14 each: partial sums of exactly 2^24
+    b[0] = -128
+    expect = (a.to(torch.int64)[:, None, :] * b.to(torch.int64)[None, :, :]).sum(-1)
+    got = ref.int_matmul(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.to(torch.int64), expect)
+    assert got[0, 0].item() == 128 * 128 * k
+
+
 def test_validate_layer_names_the_problem():
     q = quantize_weight(torch.randn(32, 256), 128)
     bad = dict(q)

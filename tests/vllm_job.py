@@ -21,6 +21,10 @@ import os
 import sys
 import time
 
+# One engine step on a slow 2-core CPU (a 3k-token perplexity batch through the
+# reference ops) may take minutes; vLLM's default RPC limit (300 s) would kill it.
+# The calling test bounds the whole job instead.
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1200")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
