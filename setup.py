@@ -23,7 +23,13 @@ def cuda_extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
+    except ImportError as e:
+        # pip's build isolation hides the installed torch: say so instead of silently
+        # installing without kernels.
+        print(
+            f"vllm_qoq: torch cannot be imported in this build environment ({e}): pure-Python "
+            "install, no CUDA kernels. To build them: pip install --no-build-isolation ."
+        )
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         print("vllm_qoq: torch has no CUDA (or nvcc not found): pure-Python install")
