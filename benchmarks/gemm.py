@@ -420,6 +420,20 @@ def plot(res, path):
     return None
 
 
+def write_results(res, stem, md_head=""):
+    """<stem>.json, <stem>.md (md_head + the summary) and <stem>.png; prints the summary."""
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    md = md_head + summary_md(res, res["skipped"])
+    note = plot(res, stem + ".png")
+    if note:
+        md += f"\n{note}\n"
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {stem}.json/.md" + ("" if note else "/.png"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -488,17 +502,7 @@ def main(argv=None):
                 finally:
                     torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"gemm-{device_slug(props.name)}{args.tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    md = summary_md(res, res["skipped"])
-    note = plot(res, stem + ".png")
-    if note:
-        md += f"\n{note}\n"
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {stem}.json/.md" + ("" if note else "/.png"))
+    write_results(res, os.path.join(args.out, f"gemm-{device_slug(props.name)}{args.tag}"))
     if not res["rows"]:
         print("gemm.py: nothing was timed (every row skipped; reasons above and under 'skipped')", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemm import device_slug, plot, summary_md  # noqa: E402
+from gemm import device_slug, write_results  # noqa: E402
 
 
 def merge(results: list[dict]) -> dict:
@@ -83,16 +83,7 @@ def main(argv=None) -> int:
         head.append(f"- cross-run anchor {name}: time ratio min {a['min']:.3f}, median {a['median']:.3f}, "
                     f"max {a['max']:.3f} over {a['n']} rows")
     head.append("")
-    md = "\n".join(head) + "\n" + summary_md(res, res["skipped"])
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    note = plot(res, stem + ".png")
-    if note:
-        md += f"\n{note}\n"
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {stem}.json/.md" + ("" if note else "/.png"))
+    write_results(res, stem, "\n".join(head) + "\n")
     return 0
 
 
