@@ -40,20 +40,19 @@ def merge(results: list[dict]) -> dict:
         skipped += res.get("skipped", [])
     skipped = [s for s in skipped if s["impl"] not in taken]  # an impl some run did time
     anchors = {}
-    for impl, first in taken.items():
-        ref = {(r["M"], r["N"], r["K"]): r["us"] for r in results[first]["rows"] if r["impl"] == impl}
+    for impl, src in taken.items():
+        ref = {(r["M"], r["N"], r["K"]): r["us"] for r in results[src]["rows"] if r["impl"] == impl}
         for j, res in enumerate(results):
-            if j == first:
+            if j == src:
                 continue
             ratios = [r["us"] / ref[(r["M"], r["N"], r["K"])] for r in res["rows"]
                       if r["impl"] == impl and (r["M"], r["N"], r["K"]) in ref]
             if ratios:
                 ratios.sort()
-                anchors[f"{impl} file{j}/file{first}"] = {
+                anchors[f"{impl} file{j}/file{src}"] = {
                     "n": len(ratios), "min": round(ratios[0], 4), "median": round(ratios[len(ratios) // 2], 4),
                     "max": round(ratios[-1], 4)}
-    first = results[0]
-    return {"device": first["device"], "date": max(r["date"] for r in results), "torch": first["torch"],
+    return {"device": results[0]["device"], "date": max(r["date"] for r in results), "torch": results[0]["torch"],
             "vllm": next((r["vllm"] for r in results if r.get("vllm")), None),
             "command": " + ".join(m["command"] for m in merged_from), "rows": rows,
             "quant_rows": [q for r in results for q in r.get("quant_rows", [])],

@@ -4,8 +4,8 @@
 # on the Llama-3-8B/-70B shapes.  Needs no vLLM.  Two calls, back to back on one machine:
 #   bash benchmarks/device/mmr_ab.sh build   # the extension for sm_90a, then the GEMM GPU tests
 #   bash benchmarks/device/mmr_ab.sh time    # one process with the defaults (32-channel
-#                                            # blocks, stream-K), one per other split policy
-#                                            # (VLLM_QOQ_MMR_SPLIT) and one with 64-channel
+#                                            # blocks, split policy 2), one per other split policy
+#                                            # (VLLM_QOQ_MMR_SPLIT=0, 1) and one with 64-channel
 #                                            # blocks (VLLM_QOQ_MMR_BLOCKS=2)
 # or both in one call, without the tests: `bash benchmarks/device/mmr_ab.sh build-time`.
 #   bash benchmarks/device/mmr_ab.sh ab      # carry .devold/ (older kernel files): builds both
@@ -27,24 +27,27 @@ build() {
       || { tail -30 "$OUT/build.log"; exit 1; }
     echo "build took $(( $(date +%s) - t )) s"
 }
+# The GEMM GPU tests, then path 8's exactness under each of its A/B knobs (logs under $OUT).
+gemm_tests() {
+    python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
+    grep -E "passed|failed|error" "$OUT/tests.log" | tail -15
+    for v in VLLM_QOQ_MMR_SPLIT=0 VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_BLOCKS=2; do
+      env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" > "$OUT/tests-$v.log" 2>&1 || true
+      echo "$v: $(tail -1 "$OUT/tests-$v.log")"
+    done
+}
 case "${1:-}" in
   build-time) build ;;&
   build)
     build
-    python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
-    grep -E "passed|failed|error" "$OUT/tests.log" | tail -15
-    # the A/B knobs of path 8 stay exact too
-    for v in VLLM_QOQ_MMR_SPLIT=0 VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_BLOCKS=2; do
-      env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" > "$OUT/tests-$v.log" 2>&1 || true
-      echo "$v: $(tail -1 "$OUT/tests-$v.log")"
-    done ;;
+    gemm_tests ;;
   time|build-time)
     MD=$(dirname "$OUT")/mmr-md; mkdir -p "$MD"
-    # qoq_*@8: 32-channel blocks, stream-K (the defaults); then one process per other setting
+    # qoq_*@8: 32-channel blocks, split policy 2 (the defaults); then one process per other setting
     python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr --out "$MD" \
       --impls qoq_chn,qoq_g128,qoq_chn@1,qoq_chn@5,qoq_chn@8,qoq_g128@1,qoq_g128@5,qoq_g128@8,qoq_chn@1:bf16,qoq_chn@8:bf16,qoq_g128@1:bf16,qoq_g128@8:bf16,fp8 \
       > "$OUT/time.log" 2>&1 || { tail -20 "$OUT/time.log"; exit 1; }
-    for v in "split1 VLLM_QOQ_MMR_SPLIT=1" "split2 VLLM_QOQ_MMR_SPLIT=2" "nb2 VLLM_QOQ_MMR_BLOCKS=2"; do
+    for v in "split0 VLLM_QOQ_MMR_SPLIT=0" "split1 VLLM_QOQ_MMR_SPLIT=1" "nb2 VLLM_QOQ_MMR_BLOCKS=2"; do
       set -- $v
       env "$2" python3 benchmarks/gemm.py --no-quant --m "$M" --models $MODELS --tag=-mmr-$1 \
         --out "$MD" --impls qoq_chn@8,qoq_g128@8 > "$MD/time-$1.log" 2>&1 || { tail -20 "$MD/time-$1.log"; exit 1; }
@@ -68,13 +71,7 @@ case "${1:-}" in
         || { tail -20 "$MD/time-s$p.log"; exit 1; }
     done
     cp "$MD"/*.json "$OUT"/
-    if [ "${AB_TESTS:-0}" = 1 ]; then  # the GEMM GPU tests, then path 8's under the other knobs
-      python3 -m pytest -q tests/gpu/test_gemm_kernels.py > "$OUT/tests.log" 2>&1 || true
-      tail -3 "$OUT/tests.log"
-      for v in VLLM_QOQ_MMR_SPLIT=0 VLLM_QOQ_MMR_SPLIT=1 VLLM_QOQ_MMR_BLOCKS=2; do
-        echo "$v: $(env $v python3 -m pytest -q tests/gpu/test_gemm_kernels.py -k "weight_stream_every_small_m and 8" 2>&1 | tail -1)"
-      done
-    fi
+    if [ "${AB_TESTS:-0}" = 1 ]; then gemm_tests; fi
     echo done ;;
   *) echo "usage: $0 build|time|build-time|ab"; exit 2 ;;
 esac

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -142,15 +143,20 @@ int mmv_max_m(bool g128, int device) {
 // only); M = 3-16 vs path 1 0.89-1.20 (below 1 only at M >= 8 on 6144 x 4096 and g128 4096 x
 // 14336); M = 17-32 vs path 3 0.96-1.23.  Where it does not fit it lost: 0.8x against path 1
 // on 28672 x 4096 (896 blocks, 2.3 waves), 0.5-0.8x against path 3 at M = 17-32.
-int mmr_max_m(int device) {
+int mmr_env() {  // VLLM_QOQ_MMR_MAX_M as set, -1 when unset
   static const int v = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32);
-  return v >= 0 ? v : (cc9(device) ? 32 : 0);
+  return v;
+}
+int mmr_max_m(int device) {
+  return mmr_env() >= 0 ? mmr_env() : (cc9(device) ? 32 : 0);
 }
 bool mmr_fits(const W4A8Args& a, bool g128, int device) {
-  static const bool forced = env_int("VLLM_QOQ_MMR_MAX_M", -1, 32) >= 0;  // then M alone decides
-  if (forced) return true;
-  static int cache[64][2][2] = {};
-  int& c = cache[device & 63][g128 ? 1 : 0][a.M > 16 ? 1 : 0];
+  if (mmr_env() >= 0) return true;  // forced: M alone decides
+  static std::mutex mu;
+  static std::vector<std::array<int, 4>> cache;  // per device, [2 * g128 + (M > 16)]; 0 = not asked
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1, std::array<int, 4>{});
+  int& c = cache[device][(g128 ? 2 : 0) + (a.M > 16 ? 1 : 0)];
   if (c == 0) c = w4a8_mmr_wave_blocks(g128, a.M, a.num_sms);
   return a.Np / 32 <= c;
 }

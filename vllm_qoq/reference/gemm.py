@@ -40,14 +40,10 @@ def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     Elsewhere float64, which is exact because K * 2^14 < 2^53.
     """
     if a.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
-        b = b_t.t()
-        out = None
+        out = torch.zeros(a.shape[0], b_t.shape[0], dtype=torch.int32)
         for k in range(0, a.shape[-1], _FP32_EXACT_K):
-            part = (a[:, k:k + _FP32_EXACT_K].to(torch.float32) @ b[k:k + _FP32_EXACT_K].to(torch.float32))
-            part = part.to(torch.int32)
-            out = part if out is None else out.add_(part)
-        if out is None:  # K == 0
-            out = torch.zeros(a.shape[0], b_t.shape[0], dtype=torch.int32)
+            part = a[:, k:k + _FP32_EXACT_K].to(torch.float32) @ b_t[:, k:k + _FP32_EXACT_K].to(torch.float32).t()
+            out += part.to(torch.int32)
         return out
     return (a.to(torch.float64) @ b_t.to(torch.float64).t()).to(torch.int32)
 
